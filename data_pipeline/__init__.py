@@ -1,0 +1,1 @@
+"""Data pipeline: corpus -> SentencePiece -> packed WebDataset shards -> resumable loader."""

@@ -1,0 +1,3 @@
+from slam_pretrain.cli import main
+
+raise SystemExit(main())

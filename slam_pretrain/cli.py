@@ -1,0 +1,142 @@
+"""``slam-pretrain`` command line: prepare, train, generate, export, demo.
+
+User mistakes (ConfigError, UserError, DataError, missing files) become one line on stderr and
+exit code 2; nothing else in the package calls ``sys.exit``. Heavy imports happen inside the
+subcommands so ``--help`` and config errors answer instantly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Optional
+
+from slam_pretrain.errors import ConfigError, UserError
+
+EXIT_USER_ERROR = 2
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--config", required=required, help="YAML config file, e.g. configs/tiny_cpu.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
+
+
+def _load(args: argparse.Namespace):
+    from slam_pretrain.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from data_pipeline.prepare import prepare_from_config
+
+    cfg = _load(args)
+    prepare_from_config(cfg.data, vocab_size=cfg.model.vocab_size)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    if args.dry_run:
+        from slam_pretrain.model import model_summary
+
+        print(cfg.to_yaml(), end="")
+        print("---")
+        print(model_summary(cfg.model, cfg.data.seq_len))
+        return 0
+    from slam_pretrain.train_main import run_training
+
+    return run_training(cfg, resume=args.resume)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from slam_pretrain.generate import generate_cli
+
+    return generate_cli(args)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from slam_pretrain.export import export_checkpoint
+
+    export_checkpoint(args.checkpoint, args.out)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from slam_pretrain.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slam-pretrain", description=__doc__.splitlines()[0])
+    # The deepspeed launcher passes --local_rank=N before the script's own arguments.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="train the tokenizer and write packed WebDataset shards")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train (or resume) a model")
+    _add_config_args(p)
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and model summary")
+    p.add_argument("--resume", default="auto",
+                   help="'auto' (newest complete checkpoint in run.out_dir), 'never', or a checkpoint path")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="sample text from a checkpoint or an export")
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir, run out_dir, or .safetensors export")
+    p.add_argument("--input", required=True, help='prompt text, e.g. "Your input text here"')
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (deterministic)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="consolidate a checkpoint into one safetensors file")
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir (step_XXXXXXXX) or run out_dir")
+    p.add_argument("--out", required=True, help="output FILE.safetensors")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("demo", help="prepare the stdlib dataset, train the tiny model, generate")
+    p.add_argument("--config", default="configs/tiny_cpu.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = [ConfigError, UserError, FileNotFoundError]
+    try:
+        from data_pipeline.errors import DataError
+
+        types.append(DataError)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except _user_error_types() as e:
+        print(f"slam-pretrain {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"slam-pretrain {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

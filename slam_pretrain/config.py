@@ -1,0 +1,332 @@
+"""Typed run configuration: section dataclasses, YAML + ``--set dotted.key=value`` overrides.
+
+Precedence: command line > YAML > dataclass defaults. Every value is checked against its field's
+type (Literal choices, Optional, Union[int, float], lists, dicts), unknown keys are rejected with
+the closest valid key, and each section's ``validate()`` checks what types cannot. Every problem
+becomes one ``ConfigError`` line naming the key, the value and what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from data_pipeline.config import DataConfig, DataConfigError
+from slam_pretrain.errors import ConfigError
+from slam_pretrain.model import ModelConfig
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 300
+    micro_batch_size: int = 8
+    global_batch_size: int = 16  # sequences per optimizer step, over all ranks
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    warmup_steps: int = 20
+    lr_schedule: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
+    decay_fraction: float = 0.2  # wsd: the last fraction of max_steps decays
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    log_interval: int = 10
+    eval_interval: int = 100  # 0 disables periodic validation
+    eval_batches: int = 8
+    max_bad_steps: int = 5  # consecutive non-finite steps that stop the run
+    peak_flops: Optional[float] = None  # per device, overrides the MFU peak table
+
+    def validate(self, prefix: str = "train") -> None:
+        for key in ("max_steps", "micro_batch_size", "global_batch_size", "log_interval",
+                    "eval_batches", "max_bad_steps"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{prefix}.{key}={getattr(self, key)!r} is invalid: must be a positive integer")
+        for key in ("warmup_steps", "eval_interval"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{prefix}.{key}={getattr(self, key)!r} is invalid: must be >= 0")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"{prefix}.global_batch_size={self.global_batch_size} is invalid: must be a multiple "
+                f"of train.micro_batch_size={self.micro_batch_size}")
+        if self.lr <= 0:
+            raise ConfigError(f"{prefix}.lr={self.lr!r} is invalid: must be positive")
+        for key in ("min_lr_ratio", "decay_fraction"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"{prefix}.{key}={getattr(self, key)!r} is invalid: must be in [0, 1]")
+        for key in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"{prefix}.{key}={getattr(self, key)!r} is invalid: must be in [0, 1)")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0:
+            key = "weight_decay" if self.weight_decay < 0 else "grad_clip" if self.grad_clip < 0 else "eps"
+            raise ConfigError(f"{prefix}.{key}={getattr(self, key)!r} is invalid: must be >= 0")
+        if self.peak_flops is not None and self.peak_flops <= 0:
+            raise ConfigError(f"{prefix}.peak_flops={self.peak_flops!r} is invalid: must be positive or null")
+
+
+@dataclass
+class EngineConfig:
+    name: Literal["deepspeed", "fsdp"] = "deepspeed"
+    zero_stage: int = 1
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    activation_checkpointing: Literal["none", "ef_cycles", "all"] = "none"
+    compile: bool = False
+    offload_optimizer: bool = False  # DeepSpeed ZeRO optimizer offload to CPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    deepspeed_extra: dict[str, Any] = field(default_factory=dict)  # merged into the generated DS config
+
+    def validate(self, prefix: str = "engine") -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"{prefix}.zero_stage={self.zero_stage!r} is invalid: must be one of 0, 1, 2, 3")
+        if self.offload_optimizer and self.name != "deepspeed":
+            raise ConfigError(f"{prefix}.offload_optimizer=True is invalid: only engine.name='deepspeed' offloads")
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 100  # steps between checkpoints (0 = only at the end and on signals)
+    keep_last: int = 2
+    keep_every: int = 0  # also keep every M-th step's checkpoint forever (0 = none)
+
+    def validate(self, prefix: str = "checkpoint") -> None:
+        for key in ("interval", "keep_every"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{prefix}.{key}={getattr(self, key)!r} is invalid: must be >= 0")
+        if self.keep_last < 1:
+            raise ConfigError(f"{prefix}.keep_last={self.keep_last!r} is invalid: must be >= 1")
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    # None: $MLFLOW_TRACKING_URI if set, else sqlite:///<run.out_dir>/mlflow.db
+    uri: Optional[str] = None
+    experiment: str = "slam-pretrain"
+    run_name: Optional[str] = None
+
+    def validate(self, prefix: str = "tracking") -> None:
+        if self.uri is not None and not self.uri.startswith(("sqlite:///", "http://", "https://", "file:")):
+            raise ConfigError(f"{prefix}.uri={self.uri!r} is invalid: use sqlite:///PATH or http(s)://HOST:PORT")
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/default"
+    seed: int = 1234
+    name: str = "slam"
+
+    def validate(self, prefix: str = "run") -> None:
+        if not self.out_dir:
+            raise ConfigError(f"{prefix}.out_dir={self.out_dir!r} is invalid: must be a non-empty path")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            try:
+                section.validate(f.name)
+            except DataConfigError as e:
+                raise ConfigError(str(e)) from None
+        # Cross-section checks.
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError(f"data.seq_len={self.data.seq_len} is invalid: must be <= "
+                              f"model.max_seq_len={self.model.max_seq_len}")
+        if self.model.vocab_size > 2**32:
+            raise ConfigError(f"model.vocab_size={self.model.vocab_size} is invalid: must be < 2**32")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """The config as ``{"section.key": value}`` (MLflow params)."""
+        out: dict[str, Any] = {}
+        for section, values in self.to_dict().items():
+            for k, v in values.items():
+                out[f"{section}.{k}"] = v
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Type coercion and the dict -> dataclass walk.
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        names = " or ".join(_type_name(a) for a in args)
+        return names + (" or null" if len(args) < len(typing.get_args(tp)) else "")
+    if origin in (list, dict):
+        return origin.__name__
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it converted (int -> float only)."""
+    origin = typing.get_origin(tp)
+    err = ConfigError(f"{key}={value!r} is invalid: expected {_type_name(tp)}")
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise err
+    if origin is Union:
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise err
+        # Prefer an exact type match (keeps 256 an int and 0.6 a float in Union[int, float]).
+        for a in args:
+            if a in (int, float, str, bool) and type(value) is a:
+                return value
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError:
+                pass
+        raise err
+    if origin is list:
+        if not isinstance(value, list):
+            raise err
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise err
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise err
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer() and abs(value) >= 1:
+            return int(value)  # 1e6 in YAML
+        raise err
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise err
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise err
+    raise err
+
+
+def _suggest(key: str, valid: list[str], prefix: str) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"did you mean '{prefix + '.' if prefix else ''}{close[0]}'? " if close else ""
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str, base: Any = None) -> Any:
+    """Make a ``cls`` from ``base`` (or defaults) updated with ``values``."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix}={values!r} is invalid: expected a mapping of {', '.join(names)}")
+    obj = base if base is not None else cls()
+    for key, value in values.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown key '{dotted}': {_suggest(str(key), names, prefix)}"
+                              f"valid keys{' in ' + prefix if prefix else ''}: {', '.join(names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            setattr(obj, key, _build(tp, value or {}, dotted, getattr(obj, key)))
+        else:
+            setattr(obj, key, _coerce(value, tp, dotted))
+    return obj
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"train.lr=3e-4"`` -> (["train", "lr"], 3e-4); values are parsed as YAML scalars/lists."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r} is invalid: expected dotted.key=value, e.g. train.lr=3e-4")
+    key, raw = item.split("=", 1)
+    path = key.strip().split(".")
+    if len(path) < 2 or not all(path):
+        raise ConfigError(f"--set {item!r} is invalid: the key must be section.name, e.g. train.lr")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    # YAML reads "3e-4" as a string (no dot); numbers written that way are still numbers.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            pass
+    return path, value
+
+
+def _nest(path: list[str], value: Any) -> dict[str, Any]:
+    out: Any = value
+    for part in reversed(path):
+        out = {part: out}
+    return out
+
+
+def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Defaults, then the YAML file, then ``--set`` overrides; validated. Raises ConfigError."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} not found: pass an existing YAML file, e.g. configs/tiny_cpu.yaml")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections "
+                              f"({', '.join(f.name for f in dataclasses.fields(Config))})")
+        try:
+            cfg = _build(Config, data, "", cfg)
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from None
+    for item in overrides or []:
+        keypath, value = parse_override(item)
+        cfg = _build(Config, _nest(keypath, value), "", cfg)
+    cfg.validate()
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from ``Config.to_dict()`` output (checkpoints store it); validated."""
+    cfg = _build(Config, data, "", Config())
+    cfg.validate()
+    return cfg
