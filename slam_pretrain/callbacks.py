@@ -1,0 +1,77 @@
+"""Small trainer callbacks: console + metrics.jsonl, MLflow, checkpoint cadence."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from slam_pretrain.metrics import ConsoleSink, JsonlSink
+from slam_pretrain.trainer import Callback, Trainer
+
+
+class LogCallback(Callback):
+    """Rank 0: one line (or a progress bar) per logged step and a metrics.jsonl record."""
+
+    def __init__(self, console: ConsoleSink, jsonl: JsonlSink):
+        self.console, self.jsonl = console, jsonl
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        self.console.step()
+
+    def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        self.console.write(record)
+        self.jsonl.write({k: v for k, v in record.items() if k != "max_steps"})
+
+    def on_stop(self, trainer: Trainer, status: str) -> None:
+        self.console.close()
+        self.jsonl.close()
+
+
+# Namespaced metric names for MLflow (few keys: long histories of many keys slow the UI).
+_MLFLOW_NAMES = {
+    "loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "tokens": "train/tokens",
+    "skipped_steps": "train/skipped_steps", "tokens_per_s": "perf/tokens_per_s", "mfu": "perf/mfu",
+    "step_time_s": "perf/step_time_s", "data_wait_s": "data/wait_s", "mem_gb": "perf/mem_gb",
+    "val_loss": "val/loss", "val_ppl": "val/perplexity",
+}
+
+
+class TrackingCallback(Callback):
+    """Forwards logged records to the tracker (MLflow on rank 0; a no-op tracker elsewhere)."""
+
+    def __init__(self, tracker: Any):
+        self.tracker = tracker
+
+    def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        metrics = {_MLFLOW_NAMES[k]: float(v) for k, v in record.items()
+                   if k in _MLFLOW_NAMES and v is not None}
+        self.tracker.log_metrics(metrics, step=record["step"])
+
+
+class CheckpointCallback(Callback):
+    """Saves every ``interval`` steps, at the end, and when stopped by a signal.
+
+    ``save_fn(step)`` does the collective save (every rank calls it at the same step); ``flush_fn``
+    flushes tracking first so a resumed run finds every metric logged up to the checkpoint.
+    """
+
+    def __init__(self, interval: int, save_fn: Callable[[int], None], flush_fn: Optional[Callable[[], None]] = None):
+        self.interval, self.save_fn, self.flush_fn = interval, save_fn, flush_fn
+        self.last_saved: Optional[int] = None
+
+    def _save(self, step: int) -> None:
+        if self.last_saved == step:
+            return
+        if self.flush_fn is not None:
+            self.flush_fn()
+        self.save_fn(step)
+        self.last_saved = step
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        step = trainer.state.step
+        if self.interval and step % self.interval == 0:
+            self._save(step)
+
+    def on_stop(self, trainer: Trainer, status: str) -> None:
+        # After too many bad steps the newest checkpoint stays the last good one: write nothing.
+        if status in ("done", "signal"):
+            self._save(trainer.state.step)

@@ -1,0 +1,183 @@
+"""``slam-pretrain train``: wire config -> distributed -> model -> engine -> loader -> trainer.
+
+Order matters for exact resume: the model is built from ``run.seed`` on every rank (identical
+weights), the engine loads the checkpoint, then the loader state and the RNG states are restored
+last, so the first resumed step sees the same batch and the same random stream as the
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from slam_pretrain.config import Config
+from slam_pretrain.errors import UserError
+
+EXIT_OK = 0
+EXIT_BAD_STEPS = 3
+EXIT_SIGNAL = 143  # what a shell reports for SIGTERM; the sbatch scripts requeue on it
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _manifest_location(cfg: Config) -> str:
+    d = cfg.data.dataset_dir
+    if d.startswith(("http://", "https://")):
+        return d.rstrip("/") + "/manifest.json"
+    path = Path(d) / "manifest.json"
+    if not path.is_file():
+        raise UserError(f"no dataset at data.dataset_dir={d!r} ({path} missing): run "
+                        f"`slam-pretrain prepare --config <the same config>` first")
+    return str(path)
+
+
+def _resolve_resume(resume: str, ckpt_mgr: Any) -> Optional[Path]:
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return ckpt_mgr.find_latest()
+    path = Path(resume)
+    if not path.is_dir():
+        raise UserError(f"--resume {resume!r}: no such checkpoint directory; use 'auto', 'never' or a "
+                        f"checkpoints/step_XXXXXXXX path")
+    return path
+
+
+def run_training(cfg: Config, resume: str = "auto") -> int:
+    from data_pipeline.loader import build_loader
+    from data_pipeline.manifest import check_compatible, load_manifest
+    from slam_pretrain.callbacks import CheckpointCallback, LogCallback, TrackingCallback
+    from slam_pretrain.checkpoint import CheckpointManager, capture_rng, restore_rng
+    from slam_pretrain.distributed import destroy, init_distributed
+    from slam_pretrain.engine import build_engine
+    from slam_pretrain.metrics import ConsoleSink, JsonlSink, memory_gb, peak_flops
+    from slam_pretrain.model import SLAMv1LM, count_params, flops_per_token
+    from slam_pretrain.optim import lr_at
+    from slam_pretrain.tracking import make_tracker
+    from slam_pretrain.trainer import Trainer, TrainerState
+
+    manifest_loc = _manifest_location(cfg)
+    manifest = load_manifest(manifest_loc)
+    check_compatible(manifest, vocab_size=cfg.model.vocab_size, seq_len=cfg.data.seq_len)
+
+    dist_info = init_distributed(cfg.engine.device)
+    rank, world = dist_info.rank, dist_info.world_size
+    main = dist_info.is_main
+    out_dir = Path(cfg.run.out_dir)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    t = cfg.train
+    per_step = t.micro_batch_size * world
+    if t.global_batch_size % per_step:
+        raise UserError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+                        f"train.micro_batch_size x world size = {t.micro_batch_size} x {world}")
+    grad_accum = t.global_batch_size // per_step
+
+    _seed_all(cfg.run.seed)
+    model = SLAMv1LM(cfg.model)
+    engine = build_engine(cfg, model, dist_info)
+    ckpt = CheckpointManager(out_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every, dist_info)
+
+    loader = build_loader(manifest_loc, rank=rank, world_size=world, micro_batch_size=t.micro_batch_size,
+                          seed=cfg.run.seed, num_workers=cfg.data.num_workers, split="train")
+    val_loader = build_loader(manifest_loc, rank=rank, world_size=world, micro_batch_size=t.micro_batch_size,
+                              seed=cfg.run.seed, num_workers=0, split="val")
+    val_start = val_loader.state_dict()
+
+    def val_batches():
+        # The same first eval_batches validation batches every time.
+        val_loader.load_state_dict(val_start)
+        for i, batch in enumerate(val_loader):
+            if i >= t.eval_batches:
+                break
+            yield batch
+
+    tokenizer_path = Path(manifest.tokenizer_path) if getattr(manifest, "tokenizer_path", None) else None
+    checksums = {"tokenizer_sha256": manifest.tokenizer_sha256,
+                 "manifest_sha256": _sha256(Path(manifest_loc)) if Path(manifest_loc).is_file() else None}
+    state = TrainerState()
+    resume_path = _resolve_resume(resume, ckpt)
+    if resume_path is not None:
+        trainer_state, rank_state, _world_changed = ckpt.load(
+            resume_path, engine, config=cfg, checksums=checksums)
+        state = TrainerState.from_dict(trainer_state)
+        loader.load_state_dict(rank_state["loader"])
+        restore_rng(rank_state["rng"])
+        if main:
+            print(f"resumed from step {state.step} ({resume_path})", flush=True)
+
+    tracker = make_tracker(cfg, is_main=main, out_dir=out_dir)
+    if main:
+        params = cfg.flat()
+        tags = {"engine": cfg.engine.name, "zero_stage": str(cfg.engine.zero_stage),
+                "world_size": str(world), "slurm_job_id": os.environ.get("SLURM_JOB_ID", "")}
+        state.tracking_run_id = tracker.start(run_id=state.tracking_run_id, params=params, tags=tags)
+
+    def save(step: int) -> None:
+        ckpt.save(step, engine,
+                  rank_state={"rng": capture_rng(), "loader": loader.state_dict()},
+                  trainer_state=trainer.state.to_dict(), config_yaml=cfg.to_yaml(),
+                  checksums=checksums, tokenizer_path=tokenizer_path)
+
+    callbacks: list = []
+    if main:
+        console = ConsoleSink(t.max_steps, state.step)
+        jsonl = JsonlSink(out_dir / "metrics.jsonl", resume_step=state.step if resume_path else None)
+        callbacks += [LogCallback(console, jsonl), TrackingCallback(tracker)]
+        n_params = count_params(cfg.model)
+        console.message(f"model: {n_params / 1e6:.2f}M parameters | engine: {cfg.engine.name}"
+                        f"{' zero-' + str(cfg.engine.zero_stage) if cfg.engine.name == 'deepspeed' else ''} "
+                        f"{cfg.engine.precision} | world {world} | grad_accum {grad_accum} | "
+                        f"device {dist_info.device}")
+    callbacks.append(CheckpointCallback(cfg.checkpoint.interval, save, flush_fn=tracker.flush))
+
+    peak, peak_src = peak_flops(dist_info.device, cfg.engine.precision, t.peak_flops)
+    trainer = Trainer(
+        engine=engine, loader=loader, val_batches=val_batches if t.eval_batches else None,
+        lr_at=lambda step: lr_at(step, t), max_steps=t.max_steps, grad_accum=grad_accum,
+        tokens_per_step=t.global_batch_size * cfg.data.seq_len,
+        flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len), peak_flops=peak,
+        world_size=world, device=dist_info.device, log_interval=t.log_interval,
+        eval_interval=t.eval_interval, max_bad_steps=t.max_bad_steps, callbacks=callbacks, state=state,
+        memory_fn=lambda: memory_gb(dist_info.device))
+    if main:
+        print(f"MFU peak: {peak / 1e12:.2f} TFLOP/s per device ({peak_src})", flush=True)
+    status = trainer.fit()
+
+    if main:
+        tracker.finish("FINISHED" if status == "done" else "KILLED" if status == "signal" else "FAILED")
+    if status == "bad_steps":
+        if main:
+            print(f"stopped: {t.max_bad_steps} consecutive non-finite steps at step {trainer.state.step}; "
+                  f"the last good checkpoint is {ckpt.find_latest()}", file=sys.stderr, flush=True)
+        destroy()
+        return EXIT_BAD_STEPS
+    if main:
+        latest = ckpt.find_latest()
+        if status == "signal":
+            print(f"stopped by signal at step {trainer.state.step}; checkpoint {latest}", flush=True)
+        else:
+            print(f"done: {trainer.state.step} steps, {trainer.state.tokens:,} tokens; "
+                  f"checkpoint {latest}; metrics {out_dir / 'metrics.jsonl'}", flush=True)
+    destroy()
+    return EXIT_SIGNAL if status == "signal" else EXIT_OK
