@@ -68,7 +68,8 @@ class CheckpointCallback(Callback):
 
     def on_step_end(self, trainer: Trainer) -> None:
         step = trainer.state.step
-        if self.interval and step % self.interval == 0:
+        # Never checkpoint inside a run of non-finite steps: resuming there would replay it.
+        if self.interval and step % self.interval == 0 and trainer.state.bad_consecutive == 0:
             self._save(step)
 
     def on_stop(self, trainer: Trainer, status: str) -> None:

@@ -58,9 +58,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from slam_pretrain.export import export_checkpoint
+    from slam_pretrain.export import export_checkpoint, export_paths
 
-    export_checkpoint(args.checkpoint, args.out)
+    weights, config, tokenizer = export_paths(export_checkpoint(args.checkpoint, args.out))
+    print(f"wrote {weights} (+ {config.name}, {tokenizer.name})")
     return 0
 
 

@@ -63,8 +63,20 @@ def _resolve_resume(resume: str, ckpt_mgr: Any) -> Optional[Path]:
     return path
 
 
+def _export_final(latest: Optional[Path], out_dir: Path, tracker: Any) -> None:
+    """Consolidated safetensors of the final checkpoint, logged as the run's model artifact."""
+    from slam_pretrain.export import export_checkpoint
+
+    if latest is None:
+        return
+    out = export_checkpoint(latest, out_dir / "export" / "model.safetensors")
+    for f in sorted(out.parent.iterdir()):
+        tracker.log_artifact(f, artifact_path="export")
+    print(f"exported {out}", flush=True)
+
+
 def run_training(cfg: Config, resume: str = "auto") -> int:
-    from data_pipeline.loader import build_loader
+    from data_pipeline.loader import build_loader, loader_kwargs
     from data_pipeline.manifest import check_compatible, load_manifest
     from slam_pretrain.callbacks import CheckpointCallback, LogCallback, TrackingCallback
     from slam_pretrain.checkpoint import CheckpointManager, capture_rng, restore_rng
@@ -73,7 +85,7 @@ def run_training(cfg: Config, resume: str = "auto") -> int:
     from slam_pretrain.metrics import ConsoleSink, JsonlSink, memory_gb, peak_flops
     from slam_pretrain.model import SLAMv1LM, count_params, flops_per_token
     from slam_pretrain.optim import lr_at
-    from slam_pretrain.tracking import make_tracker
+    from slam_pretrain.tracking import make_tracker, run_params, run_tags
     from slam_pretrain.trainer import Trainer, TrainerState
 
     manifest_loc = _manifest_location(cfg)
@@ -98,10 +110,11 @@ def run_training(cfg: Config, resume: str = "auto") -> int:
     engine = build_engine(cfg, model, dist_info)
     ckpt = CheckpointManager(out_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every, dist_info)
 
-    loader = build_loader(manifest_loc, rank=rank, world_size=world, micro_batch_size=t.micro_batch_size,
-                          seed=cfg.run.seed, num_workers=cfg.data.num_workers, split="train")
-    val_loader = build_loader(manifest_loc, rank=rank, world_size=world, micro_batch_size=t.micro_batch_size,
-                              seed=cfg.run.seed, num_workers=0, split="val")
+    kwargs = loader_kwargs(cfg.data)
+    loader = build_loader(manifest, rank=rank, world_size=world, micro_batch_size=t.micro_batch_size,
+                          seed=cfg.run.seed, split="train", **kwargs)
+    val_loader = build_loader(manifest, rank=rank, world_size=world, micro_batch_size=t.micro_batch_size,
+                              seed=cfg.run.seed, split="val", **{**kwargs, "num_workers": 0})
     val_start = val_loader.state_dict()
 
     def val_batches():
@@ -112,7 +125,7 @@ def run_training(cfg: Config, resume: str = "auto") -> int:
                 break
             yield batch
 
-    tokenizer_path = Path(manifest.tokenizer_path) if getattr(manifest, "tokenizer_path", None) else None
+    tokenizer_path = manifest.tokenizer_path() if main else None
     checksums = {"tokenizer_sha256": manifest.tokenizer_sha256,
                  "manifest_sha256": _sha256(Path(manifest_loc)) if Path(manifest_loc).is_file() else None}
     state = TrainerState()
@@ -128,12 +141,17 @@ def run_training(cfg: Config, resume: str = "auto") -> int:
 
     tracker = make_tracker(cfg, is_main=main, out_dir=out_dir)
     if main:
-        params = cfg.flat()
-        tags = {"engine": cfg.engine.name, "zero_stage": str(cfg.engine.zero_stage),
-                "world_size": str(world), "slurm_job_id": os.environ.get("SLURM_JOB_ID", "")}
-        state.tracking_run_id = tracker.start(run_id=state.tracking_run_id, params=params, tags=tags)
+        state.tracking_run_id = tracker.start(run_id=state.tracking_run_id, params=run_params(cfg),
+                                              tags=run_tags(cfg, world)) or state.tracking_run_id
+        config_file = out_dir / "config.yaml"
+        config_file.write_text(cfg.to_yaml())
+        tracker.log_artifact(config_file)
+        if tokenizer_path is not None:
+            tracker.log_artifact(tokenizer_path)
 
     def save(step: int) -> None:
+        # The run may have been created in the background (server down at start): record its id.
+        trainer.state.tracking_run_id = tracker.run_id or trainer.state.tracking_run_id
         ckpt.save(step, engine,
                   rank_state={"rng": capture_rng(), "loader": loader.state_dict()},
                   trainer_state=trainer.state.to_dict(), config_yaml=cfg.to_yaml(),
@@ -165,6 +183,8 @@ def run_training(cfg: Config, resume: str = "auto") -> int:
     status = trainer.fit()
 
     if main:
+        if status == "done":
+            _export_final(ckpt.find_latest(), out_dir, tracker)
         tracker.finish("FINISHED" if status == "done" else "KILLED" if status == "signal" else "FAILED")
     if status == "bad_steps":
         if main:
