@@ -1,0 +1,133 @@
+"""The engine interface the trainer talks to (DeepSpeed and FSDP2 implement it).
+
+One optimizer step is ``grad_accum`` calls of ``forward_backward`` (one micro-batch each, on every
+rank) followed by one ``optimizer_step(lr)``. A non-finite loss or gradient on any rank makes every
+rank skip the update: parameters and optimizer state stay exactly as they were, the gradients are
+dropped, and ``StepResult.skipped`` is True everywhere.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from slam_pretrain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from slam_pretrain.config import Config, TrainConfig
+    from slam_pretrain.distributed import DistInfo
+
+
+@dataclass
+class StepResult:
+    grad_norm: float  # global L2 norm before clipping (nan/inf when the step was skipped for it)
+    skipped: bool
+
+
+def grad_accum_steps(train: "TrainConfig", world_size: int) -> int:
+    """global_batch / (micro_batch * world); ConfigError when it does not divide."""
+    per_step = train.micro_batch_size * world_size
+    if train.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={train.global_batch_size} is invalid for {world_size} process(es): must be "
+            f"a multiple of train.micro_batch_size x world size = {train.micro_batch_size} x {world_size} = {per_step}")
+    return train.global_batch_size // per_step
+
+
+def any_rank(flag: torch.Tensor) -> bool:
+    """True when the 0-d bool/float tensor ``flag`` is set on any rank (one all-reduce)."""
+    t = flag.detach().to(torch.float32).reshape(1)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+class Engine(ABC):
+    """Model + optimizer + parallelism. All ranks call every method (they hold collectives)."""
+
+    name: str = "base"
+
+    def __init__(self, cfg: "Config", dist_info: "DistInfo"):
+        self.cfg = cfg
+        self.dist = dist_info
+        self.grad_accum = grad_accum_steps(cfg.train, dist_info.world_size)
+        self._micro = 0  # micro-batches since the last optimizer_step
+        # Set when a micro-batch loss was non-finite on this rank; a device tensor, so no sync per micro-batch.
+        self._loss_bad = torch.zeros((), dtype=torch.bool, device=dist_info.device)
+
+    # -- the step ---------------------------------------------------------------------------
+    @abstractmethod
+    def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One micro-batch: forward, backward (gradients accumulate); the detached mean loss."""
+
+    @abstractmethod
+    def optimizer_step(self, lr: float) -> StepResult:
+        """After ``grad_accum`` micro-batches: clip, step (or skip everywhere), zero gradients."""
+
+    @abstractmethod
+    def eval_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean loss of one batch, no gradients."""
+
+    @abstractmethod
+    def train(self) -> None: ...
+
+    @abstractmethod
+    def eval(self) -> None: ...
+
+    # -- state ------------------------------------------------------------------------------
+    @abstractmethod
+    def save(self, dir: Path) -> None:
+        """Write the engine state (weights, optimizer) under ``dir``; every rank calls it."""
+
+    @abstractmethod
+    def load(self, dir: Path) -> None:
+        """Read what ``save`` wrote, also from a run with another world size; every rank calls it."""
+
+    @abstractmethod
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The full fp32 model weights on CPU (keys as ``SLAMv1LM().state_dict()``); a collective,
+        every rank gets the whole dict."""
+
+    def meta(self) -> dict[str, Any]:
+        """What ``engine.json`` records: {"name", "zero_stage", "world_size", "precision"}."""
+        e = self.cfg.engine
+        return {"name": self.name, "zero_stage": e.zero_stage if self.name == "deepspeed" else None,
+                "world_size": self.dist.world_size, "precision": e.precision}
+
+    @property
+    @abstractmethod
+    def num_params(self) -> int:
+        """Parameters of the whole model (tied weights once), not of this rank's shard."""
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+    # -- helpers for subclasses -------------------------------------------------------------
+    def _begin_micro(self) -> None:
+        if self._micro >= self.grad_accum:
+            raise RuntimeError(f"forward_backward called {self._micro + 1} times before optimizer_step; "
+                               f"this engine accumulates {self.grad_accum} micro-batches per step")
+
+    def _end_micro(self, loss: torch.Tensor) -> torch.Tensor:
+        loss = loss.detach()
+        self._loss_bad |= ~torch.isfinite(loss)
+        self._micro += 1
+        return loss
+
+    def _check_boundary(self) -> None:
+        if self._micro != self.grad_accum:
+            raise RuntimeError(f"optimizer_step after {self._micro} micro-batches; this engine needs exactly "
+                               f"grad_accum={self.grad_accum} (train.global_batch_size / (micro_batch x world))")
+
+    def _reset_step(self) -> None:
+        self._micro = 0
+        self._loss_bad.zero_()
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device, non_blocking=self.device.type == "cuda")

@@ -1,0 +1,251 @@
+"""CheckpointManager: layout, atomic publish under SIGKILL, retention, compatibility, weights_only.
+
+Two spawned runs with a real FSDP engine: a 2-rank run that publishes step 1 and is SIGKILLed
+while writing step 2, then a 1-rank run that cleans up, finds step 1, loads it (world size
+changed) and exercises save/retention/compatibility. The rest needs no process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from dist_utils import run_distributed
+from slam_pretrain.checkpoint import (CheckpointManager, capture_rng, check_compatible, find_latest, is_complete,
+                                      restore_rng)
+from slam_pretrain.config import Config
+from slam_pretrain.engine import build_engine
+from slam_pretrain.errors import UserError
+from slam_pretrain.model import ModelConfig, SLAMv1LM
+
+
+class _Planted:
+    """Unpickling this would run code (it creates a marker file); weights_only loading must refuse it."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def make_config(out_dir: Path, world: int) -> Config:
+    cfg = Config()
+    cfg.model = ModelConfig(vocab_size=2048, max_seq_len=64, d_model=64, num_heads=4, num_kv_heads=2, d_ff=128,
+                            ef_cycles=2, segment_len=48, overlap=8)
+    cfg.data.seq_len = 64
+    cfg.train.micro_batch_size, cfg.train.global_batch_size = 2, 4
+    cfg.engine.name, cfg.engine.precision, cfg.engine.device = "fsdp", "fp32", "cpu"
+    cfg.run.out_dir = str(out_dir)
+    return cfg
+
+
+def new_engine(cfg: Config, info: Any, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_engine(cfg, SLAMv1LM(cfg.model), info)
+
+
+def train_step(engine: Any, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(engine.grad_accum):
+        x = torch.randint(0, 2048, (2, 65), generator=g)
+        engine.forward_backward(x[:, :-1], x[:, 1:])
+    engine.optimizer_step(1e-3)
+
+
+def _save(mgr: CheckpointManager, engine: Any, cfg: Config, step: int, tok: Path, info: Any) -> Path:
+    return mgr.save(step, engine, rank_state={"loader": {"epoch": 0, "batches": step * 10 + info.rank}},
+                    trainer_state={"step": step, "tokens": step * 256}, config_yaml=cfg.to_yaml(),
+                    checksums={"tokenizer_sha256": "aa" * 32, "manifest_sha256": "bb" * 32}, tokenizer_path=tok)
+
+
+def killed_during_save(info: Any, out: str, tok: str) -> None:
+    """2 ranks: publish step 1, then die by SIGKILL inside engine.save of step 2."""
+    cfg = make_config(Path(out), info.world_size)
+    engine = new_engine(cfg, info)
+    mgr = CheckpointManager(out, keep_last=2, keep_every=0, dist=info)
+    train_step(engine, 1)
+    _save(mgr, engine, cfg, 1, Path(tok), info)
+    weights = engine.full_state_dict()
+    if info.rank == 0:
+        torch.save(weights, Path(out) / "weights_step1.pt")
+    train_step(engine, 2)
+    real_save = engine.save
+
+    def dying_save(d: Path) -> None:
+        real_save(d)  # a partial checkpoint on disk, then the process is gone
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    engine.save = dying_save
+    _save(mgr, engine, cfg, 2, Path(tok), info)
+
+
+def after_kill(info: Any, out: str, tok: str) -> dict[str, Any]:
+    """1 rank: what a restarted (smaller) job sees, then saves, retention and errors."""
+    r: dict[str, Any] = {}
+    root = Path(out) / "checkpoints"
+    r["tmp_before"] = sorted(p.name for p in root.glob(".tmp_*"))
+    cfg = make_config(Path(out), info.world_size)
+    mgr = CheckpointManager(out, keep_last=2, keep_every=3, dist=info)
+    r["tmp_after"] = sorted(p.name for p in root.glob(".tmp_*"))
+    latest = mgr.find_latest()
+    r["latest"] = latest.name if latest else None
+    engine = new_engine(cfg, info, seed=7)
+    trainer_state, rank_state, changed = mgr.load(latest, engine, config=cfg,
+                                                  checksums={"tokenizer_sha256": "aa" * 32})
+    r.update(trainer_state=trainer_state, rank_state=rank_state, world_changed=changed)
+    want = torch.load(Path(out) / "weights_step1.pt", weights_only=True)
+    got = engine.full_state_dict()
+    r["weights_equal"] = all(torch.equal(got[k], want[k]) for k in want)
+    # Errors that name what differs.
+    errors = {}
+    other = make_config(Path(out), 1)
+    other.model.d_model = 128
+    for key, kwargs in {"model": {"config": other},
+                        "tokenizer": {"config": cfg, "checksums": {"tokenizer_sha256": "cc" * 32}}}.items():
+        try:
+            mgr.load(latest, engine, **kwargs)
+            errors[key] = None
+        except UserError as e:
+            errors[key] = str(e)
+    ds = make_config(Path(out), 1)
+    ds.engine.name = "deepspeed"
+    try:
+        check_compatible(latest, ds)
+        errors["engine"] = None
+    except UserError as e:
+        errors["engine"] = str(e)
+    try:
+        mgr.save(99, engine, rank_state={"bad": object()}, trainer_state={}, config_yaml="", checksums={})
+        errors["unsafe_rank_state"] = None
+    except UserError as e:
+        errors["unsafe_rank_state"] = str(e)
+    r["errors"] = errors
+    r["manifest_differs"] = check_compatible(latest, cfg, {"tokenizer_sha256": "aa" * 32,
+                                                           "manifest_sha256": "dd" * 32})
+    # A tampered copy of the checkpoint whose rank file carries pickled code.
+    bad = root / "step_00000050"
+    __import__("shutil").copytree(latest, bad)
+    marker = Path(out) / "pwned"
+    torch.save({"rng": _Planted(str(marker))}, bad / "rank_00000.pt")
+    try:
+        mgr.load(bad, engine)
+        r["tampered"] = None
+    except Exception as e:  # noqa: BLE001 - the unpickler's own error type
+        r["tampered"] = f"{type(e).__name__}: {e}"
+    r["marker_created"] = marker.exists()
+    __import__("shutil").rmtree(bad)
+    shutil_rm = __import__("shutil").rmtree
+    shutil_rm(root / ".tmp_step_00000099", ignore_errors=True)
+    # Retention: keep the last 2 plus every 3rd step.
+    for step in range(2, 8):
+        train_step(engine, step)
+        _save(mgr, engine, cfg, step, Path(tok), info)
+    _save(mgr, engine, cfg, 7, Path(tok), info)  # the same step again (a signal right after resuming)
+    r["kept"] = sorted(p.name for p in root.iterdir())
+    r["latest_pointer"] = (root / "latest").read_text()
+    r["files"] = sorted(p.name for p in (root / "step_00000007").iterdir())
+    r["engine_json"] = json.loads((root / "step_00000007" / "engine.json").read_text())
+    return r
+
+
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("ckpt_run")
+    tok = out / "tok.model"
+    tok.write_bytes(b"fake sentencepiece model")
+    with pytest.raises(RuntimeError, match="exited with code -9"):
+        run_distributed(killed_during_save, 2, args=(str(out), str(tok)), timeout=180)
+    found_after_kill = find_latest(out)
+    res = run_distributed(after_kill, 1, args=(str(out), str(tok)), timeout=240)[0]
+    res["found_after_kill"] = found_after_kill
+    return res
+
+
+def test_killed_save_leaves_previous_checkpoint(killed_run: dict[str, Any]) -> None:
+    r = killed_run
+    assert r["found_after_kill"] is not None and r["found_after_kill"].name == "step_00000001"
+    assert r["tmp_before"] == [".tmp_step_00000002"]  # the partial write, never published
+    assert r["tmp_after"] == []  # removed by rank 0 at start
+    assert r["latest"] == "step_00000001"
+
+
+def test_load_after_world_change(killed_run: dict[str, Any]) -> None:
+    r = killed_run
+    assert r["weights_equal"]
+    assert r["world_changed"] is True
+    assert r["trainer_state"] == {"step": 1, "tokens": 256}
+    assert r["rank_state"]["loader"] == {"epoch": 0, "batches": 10}  # rank 0's file
+    assert set(r["rank_state"]["rng"]) >= {"python", "numpy", "torch"}
+
+
+def test_retention_and_layout(killed_run: dict[str, Any]) -> None:
+    r = killed_run
+    # Steps 1..7 written, keep_last=2 -> 6, 7; keep_every=3 -> 3, 6.
+    assert r["kept"] == ["latest", "step_00000003", "step_00000006", "step_00000007"]
+    assert r["latest_pointer"] == "step_00000007"
+    assert r["files"] == ["checksums.json", "config.yaml", "engine", "engine.json", "rank_00000.pt",
+                          "tokenizer.model", "trainer_state.json"]
+    assert r["engine_json"] == {"name": "fsdp", "zero_stage": None, "world_size": 1, "precision": "fp32"}
+
+
+def test_incompatible_checkpoint_errors(killed_run: dict[str, Any]) -> None:
+    e = killed_run["errors"]
+    assert e["model"] is not None and "model.d_model: checkpoint 64 vs config 128" in e["model"]
+    assert e["tokenizer"] is not None and "tokenizer_sha256" in e["tokenizer"]
+    assert e["engine"] is not None and "'fsdp' engine state" in e["engine"]
+    assert e["unsafe_rank_state"] is not None and "weights_only" in e["unsafe_rank_state"]
+    # Another manifest is only reported (the loader itself checks the dataset identity).
+    assert killed_run["manifest_differs"] == ["manifest_sha256"]
+
+
+# ---------------------------------------------------------------------------------------------
+# No process group needed.
+
+def _fake_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
+    d = root / "checkpoints" / f"step_{step:08d}"
+    (d / "engine").mkdir(parents=True)
+    for f in ("engine.json", "trainer_state.json", "config.yaml") + (("rank_00000.pt",) if complete else ()):
+        (d / f).write_text("{}")
+    return d
+
+
+def test_find_latest_rules(tmp_path: Path) -> None:
+    assert find_latest(tmp_path) is None
+    s1 = _fake_checkpoint(tmp_path, 1)
+    s2 = _fake_checkpoint(tmp_path, 2)
+    _fake_checkpoint(tmp_path, 3, complete=False)  # a directory missing a file is not a checkpoint
+    (tmp_path / "checkpoints" / ".tmp_step_00000004").mkdir()
+    assert find_latest(tmp_path) == s2
+    latest = tmp_path / "checkpoints" / "latest"
+    latest.write_text("step_00000009")  # points at nothing
+    assert find_latest(tmp_path) == s2
+    latest.write_text("step_00000001")  # killed between the rename and the pointer update
+    assert find_latest(tmp_path) == s2
+    latest.write_text("step_00000002")
+    assert find_latest(tmp_path) == s2
+    assert is_complete(s1) and not is_complete(tmp_path / "checkpoints" / "step_00000003")
+
+
+def test_rng_roundtrip_weights_only(tmp_path: Path) -> None:
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    np.random.randn()  # leaves a cached gaussian in numpy's state
+    state = capture_rng()
+    torch.save(state, tmp_path / "rng.pt")
+    first = (random.random(), np.random.rand(), np.random.randn(), torch.rand(2))
+    restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))
+    again = (random.random(), np.random.rand(), np.random.randn(), torch.rand(2))
+    assert first[:3] == again[:3] and torch.equal(first[3], again[3])
+
+
+def test_load_refuses_pickled_code(killed_run: dict[str, Any]) -> None:
+    assert killed_run["tampered"] is not None and "Weights only load failed" in killed_run["tampered"]
+    assert killed_run["marker_created"] is False
