@@ -31,6 +31,7 @@ import random
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
@@ -282,6 +283,11 @@ class CheckpointManager:
                 shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
         if self.local_rank == 0:
             _fsync_tree(tmp)  # flushes this node's writes (every node, on shared filesystems)
+        # Fault-injection hook for the crash-during-save test: hold the fully written but not yet
+        # published checkpoint so the test can SIGKILL the run at exactly this point.
+        pause = float(os.environ.get("SLAM_TEST_PAUSE_BEFORE_PUBLISH_S", "0") or 0)
+        if pause > 0:
+            time.sleep(pause)
         barrier()  # durable everywhere
         if self.is_main:
             self._publish(tmp, final)

@@ -76,6 +76,11 @@ def _export_final(latest: Optional[Path], out_dir: Path, tracker: Any) -> None:
 
 
 def run_training(cfg: Config, resume: str = "auto") -> int:
+    from slam_pretrain.trainer import StopFlag
+
+    # First thing: a preemption signal that lands during the slow start-up is remembered, and the
+    # run stops (with a checkpoint) after its first step instead of dying.
+    stop_flag = StopFlag().install()
     from data_pipeline.loader import build_loader, loader_kwargs
     from data_pipeline.manifest import check_compatible, load_manifest
     from slam_pretrain.callbacks import CheckpointCallback, LogCallback, TrackingCallback
@@ -177,7 +182,7 @@ def run_training(cfg: Config, resume: str = "auto") -> int:
         flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len), peak_flops=peak,
         world_size=world, device=dist_info.device, log_interval=t.log_interval,
         eval_interval=t.eval_interval, max_bad_steps=t.max_bad_steps, callbacks=callbacks, state=state,
-        memory_fn=lambda: memory_gb(dist_info.device))
+        memory_fn=lambda: memory_gb(dist_info.device), stop_flag=stop_flag)
     if main:
         print(f"MFU peak: {peak / 1e12:.2f} TFLOP/s per device ({peak_src})", flush=True)
     status = trainer.fit()

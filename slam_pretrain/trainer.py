@@ -65,6 +65,10 @@ class StopFlag:
         self.signum: Optional[int] = None
         self._previous: dict[int, Any] = {}
 
+    @property
+    def installed(self) -> bool:
+        return bool(self._previous)
+
     def install(self) -> "StopFlag":
         for s in self.SIGNALS:
             self._previous[s] = signal.signal(s, self._handle)
@@ -76,6 +80,7 @@ class StopFlag:
     def uninstall(self) -> None:
         for s, h in self._previous.items():
             signal.signal(s, h)
+        self._previous = {}
 
 
 def _all_reduce(value: float, op: str, device: torch.device) -> float:
@@ -107,6 +112,7 @@ class Trainer:
         callbacks: list[Callback],
         state: Optional[TrainerState] = None,
         memory_fn: Callable[[], float] = lambda: float("nan"),
+        stop_flag: Optional[StopFlag] = None,
     ):
         self.engine, self.loader, self.val_batches = engine, loader, val_batches
         self.lr_at, self.max_steps, self.grad_accum = lr_at, max_steps, grad_accum
@@ -115,7 +121,9 @@ class Trainer:
         self.log_interval, self.eval_interval, self.max_bad_steps = log_interval, eval_interval, max_bad_steps
         self.callbacks, self.memory_fn = callbacks, memory_fn
         self.state = state or TrainerState()
-        self.stop_flag = StopFlag()
+        # Install the handler as early as possible (the caller may pass one installed at start-up,
+        # before the slow imports and init, so an early SLURM signal is not lost).
+        self.stop_flag = stop_flag or StopFlag()
         self.status = "running"
         self._epoch_iter: Optional[Iterator[dict[str, torch.Tensor]]] = None
         self._window = {"steps": 0, "time": 0.0, "wait": 0.0, "tokens": 0, "loss": 0.0, "gnorm": 0.0}
@@ -141,10 +149,11 @@ class Trainer:
         t0 = time.perf_counter()
         wait0 = getattr(self.loader, "wait_time_s", 0.0)
         lr = self.lr_at(self.state.step)
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for _ in range(self.grad_accum):
             input_ids, labels = self._to_device(self._next_batch())
-            loss_sum += self.engine.forward_backward(input_ids, labels).double().cpu()
+            # Summed on the device: one host sync per step (the .item() below), not per micro-batch.
+            loss_sum += self.engine.forward_backward(input_ids, labels).double()
         result = self.engine.optimizer_step(lr)
         # The mean over ranks of each rank's mean micro-batch loss (equal-sized batches).
         loss = _all_reduce(loss_sum.item() / self.grad_accum, "mean", self.device)
@@ -212,7 +221,8 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------
     def fit(self) -> str:
         """Run until done, a stop signal, or too many bad steps; return the final status."""
-        self.stop_flag.install()
+        if not self.stop_flag.installed:
+            self.stop_flag.install()
         self.engine.train()
         try:
             for cb in self.callbacks:
