@@ -12,7 +12,9 @@ class DataConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    # Each entry: "stdlib", or a mapping {path: ..., weight: 1.0, text_field: "text"}.
+    # Each entry: "stdlib", or a mapping {path: ..., weight: 1.0, text_field: "text"}; a mapping
+    # whose path is "stdlib" is the embedded stdlib source with a weight (use ./stdlib for a folder).
+    # Weights are shares of the written text (see data_pipeline/sources.py).
     sources: list[Any] = field(default_factory=lambda: ["stdlib"])
     dataset_dir: str = "data/stdlib"  # tokenizer, shards and manifest.json go here
     seq_len: int = 256
@@ -21,10 +23,16 @@ class DataConfig:
     shard_size_mb: float = 8.0
     val_fraction: float = 0.01
     num_workers: int = 1  # loader worker processes per rank (0 = in the main process)
-    prefetch: int = 4
+    prefetch: int = 4  # chunks (~256 rows each) each loader worker keeps ready
     seed: int = 1234
     skip_corrupt_shards: bool = False
     max_corpus_mb: Optional[float] = None  # cap on text read from the sources (None = all)
+    encode_procs: Optional[int] = None  # prepare: encoder processes (None = cores // encode_threads)
+    encode_threads: Optional[int] = None  # prepare: sentencepiece threads per process (None = min(4, cores))
+    # Shard checks when a loader starts: "size" (every shard's size; each row's CRC-32 as it is
+    # read), "full" (also every shard's sha256: reads all shards once), "none".
+    verify_shards: Literal["size", "full", "none"] = "size"
+    cache_dir: Optional[str] = None  # local copies of remote shards when a server ignores Range
 
     def validate(self, prefix: str = "data") -> None:
         def bad(key: str, value: object, valid: str) -> DataConfigError:
@@ -40,8 +48,13 @@ class DataConfig:
             unknown = set(src) - {"path", "weight", "text_field"}
             if unknown:
                 raise bad(f"sources[{i}]", src, f"unknown keys {sorted(unknown)}; valid: path, weight, text_field")
-            if float(src.get("weight", 1.0)) <= 0:
-                raise bad(f"sources[{i}].weight", src.get("weight"), "must be positive")
+            weight = src.get("weight", 1.0)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+                raise bad(f"sources[{i}].weight", weight, "must be a positive number")
+            if not isinstance(src["path"], str) or not src["path"]:
+                raise bad(f"sources[{i}].path", src["path"], "must be a non-empty path, directory or glob")
+            if not isinstance(src.get("text_field", "text"), str):
+                raise bad(f"sources[{i}].text_field", src.get("text_field"), "must be a string (a JSON key)")
         if self.seq_len <= 0:
             raise bad("seq_len", self.seq_len, "must be a positive integer")
         if self.tokenizer_sample_mb <= 0:
@@ -56,3 +69,11 @@ class DataConfig:
             raise bad("prefetch", self.prefetch, "must be >= 1")
         if self.max_corpus_mb is not None and self.max_corpus_mb <= 0:
             raise bad("max_corpus_mb", self.max_corpus_mb, "must be positive or null")
+        for key in ("encode_procs", "encode_threads"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise bad(key, value, "must be >= 1 or null (automatic)")
+        if self.verify_shards not in ("size", "full", "none"):
+            raise bad("verify_shards", self.verify_shards, "must be one of 'size', 'full', 'none'")
+        if not self.dataset_dir:
+            raise bad("dataset_dir", self.dataset_dir, "must be a non-empty path or http(s) URL")

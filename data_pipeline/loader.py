@@ -1,0 +1,364 @@
+"""The streaming loader: exact, elastic, and each rank reads only its own rows.
+
+Design
+------
+*One global sample order, independent of the world size.* The training split is N fixed-size
+rows. The stream of samples is epoch 0's order, then epoch 1's, ...: stream position ``p`` is
+row ``perm_e(p mod N)`` with ``e = p // N`` and ``perm_e`` a seeded bijection of [0, N)
+(``order.py``: keyed by seed, epoch and split; computed per index, no N-sized array).
+
+*Ranks take consecutive slices of it.* With micro-batch b and world size W, one "round" is the
+next M = b * W positions; rank r takes positions ``[s + r*b, s + r*b + b)`` of the round that
+starts at ``s``. So every rank yields the same number of full batches, whatever the shard sizes
+and even with more ranks than shards (no rank ever waits for a batch another rank lacks), and a
+global step of G = b * W * grad_accum samples always covers positions ``[k*G, (k+1)*G)``.
+
+*The state is one number:* ``position`` = samples handed to the consumers of all ranks together
+(= batches handed out here x M; prefetched batches are not counted). ``state_dict()`` also holds
+the seed, dataset id and split as checks. Elastic resume: save at world size W, resume at W'
+with the same global batch; hand rank 0's state (or the list of every rank's states, which must
+agree) to every new rank's ``load_state_dict()``; they continue at the same position, so no
+sample is repeated or skipped. Exact resume is the special case W' = W.
+
+*Epochs.* ``iter()`` yields the rounds that start inside the current epoch, from the current
+position; afterwards the loader is in the next epoch (a new order). A round that starts near the
+end of an epoch finishes with the first positions of the next one, so nothing is dropped and no
+rank is padded: each epoch's N positions cover every training row exactly once. ``len()`` is the
+number of rounds starting in the current epoch (floor or ceil of N / M).
+
+*Bytes per rank.* Rows are fixed-size tar records (``shards.py``), so the byte range of any row
+is known: a rank reads exactly its rows (a memory map locally, HTTP range requests remotely,
+consecutive rows coalesced). Per epoch a rank reads ~N/W records = total/W bytes. (A server
+that ignores Range costs each process one full download of each shard, into ``cache_dir``.)
+
+*Determinism with workers.* Rounds are grouped in chunks of ~256 rows; worker w of
+``num_workers`` builds the chunks c with c % num_workers == w and torch's DataLoader returns
+them round-robin, i.e. in order: the batch sequence does not depend on the number of workers.
+Prefetching happens chunk-wise; the position counts only batches handed to the consumer.
+Nothing is seeded from time, pid or hash().
+
+*Validation split.* ``split="val"`` uses a fixed order (epoch 0 of the val permutation) and every
+``iter()`` starts from the beginning: ceil(N_val / M) rounds, the last one wrapping around to the
+first rows. The same batches every time.
+
+*Integrity.* At start every rank checks each shard's size (``verify="size"``) or sha256
+(``"full"``, reads every shard once); a missing, truncated or corrupted shard is a DataError
+naming it, or, with ``skip_corrupt=True``, left out on every rank alike (all ranks see the same
+files). While reading, each row's name and CRC-32 are checked.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_pipeline import order, storage
+from data_pipeline.errors import DataError
+from data_pipeline.manifest import Manifest, ShardInfo, default_cache_dir, load_manifest
+from data_pipeline.shards import RowFormat, decode_records
+
+STATE_VERSION = 1
+IGNORE_INDEX = -100
+_GROUP_POSITIONS = 256  # rows per chunk: a worker orders, reads and hands over this many at once
+
+
+class _RowSource:
+    """The kept shards of one split: maps row ids to (shard, row) and reads them. Picklable."""
+
+    def __init__(self, shards: list[ShardInfo], split: str, fmt: RowFormat, cache_dir: Path, check_crc: bool):
+        self.split, self.fmt, self.check_crc = split, fmt, check_crc
+        self.infos = shards
+        self.files = [storage.ShardFile(s.location, s.bytes, s.sha256, fmt.record_bytes, s.rows, cache_dir)
+                      for s in shards]
+        self.starts = np.concatenate(([0], np.cumsum([s.rows for s in shards]))).astype(np.int64)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.starts[-1])
+
+    def read(self, rows: np.ndarray) -> tuple[np.ndarray, int]:
+        """Token rows [k, row_tokens] for row ids [k], and the bytes transferred."""
+        order_ = np.argsort(rows, kind="stable")  # shard by shard, ascending offsets in each
+        srt = rows[order_]
+        shard_of = np.searchsorted(self.starts, srt, side="right") - 1
+        cuts = np.concatenate(([0], np.flatnonzero(np.diff(shard_of)) + 1, [srt.size])).tolist()
+        out = np.empty((rows.size, self.fmt.row_tokens), dtype=self.fmt.np_dtype)
+        segments = [(int(shard_of[a]), a, b) for a, b in zip(cuts[:-1], cuts[1:])]
+        wanted = [srt[a:b] - self.starts[s] for s, a, b in segments]
+        results = storage.read_many([(self.files[s], local) for (s, _, _), local in zip(segments, wanted)])
+        nbytes = 0
+        for (s, a, b), local, (rec, nb) in zip(segments, wanted, results):
+            info = self.infos[s]
+            out[order_[a:b]] = decode_records(rec, local, self.split, info.index, self.fmt, info.location,
+                                              self.check_crc)
+            nbytes += nb
+        return out, nbytes
+
+
+class _Chunk:
+    """Rows [g, b, L+1] of g consecutive rounds, on their way from a worker to the consumer.
+
+    Workers hand over whole chunks (not single batches): one queue transfer per ~256 rows instead
+    of per batch, and plain bytes, which pickle fast (tensors would go through shared-memory
+    handles, several times slower for small batches).
+    """
+
+    __slots__ = ("data", "shape", "nbytes")
+
+    def __init__(self, rows: np.ndarray, nbytes: int, as_bytes: bool):
+        self.data = rows.tobytes() if as_bytes else rows
+        self.shape, self.nbytes = rows.shape, nbytes
+
+
+class _Rounds(IterableDataset):
+    """Chunks of rounds ``0 .. count - 1`` after stream position ``start``, for one rank.
+
+    Chunk c holds rounds [c*g, (c+1)*g); worker w of n builds chunks c = w, w+n, ... and the
+    DataLoader hands them over round-robin, i.e. in chunk order, for any number of workers.
+    """
+
+    def __init__(self, source: _RowSource, *, rank: int, world_size: int, micro_batch_size: int, seed: int,
+                 start: int, count: int, fixed: bool):
+        super().__init__()
+        self.source, self.rank, self.W, self.b = source, rank, world_size, micro_batch_size
+        self.seed, self.start, self.count, self.fixed = seed, start, count, fixed
+        self.per_chunk = max(1, _GROUP_POSITIONS // micro_batch_size)
+
+    def __iter__(self) -> Iterator[_Chunk]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        n, b, M, g = self.source.num_rows, self.b, self.b * self.W, self.per_chunk
+        for c in range(wid, -(-self.count // g), nw):
+            ks = np.arange(c * g, min((c + 1) * g, self.count), dtype=np.int64)
+            pos = self.start + ks[:, None] * M + self.rank * b + np.arange(b)  # [g, b]
+            if self.fixed:
+                rows = order.rows_at(pos.ravel() % n, n, self.seed, self.source.split, fixed_epoch=0)
+            else:
+                rows = order.rows_at(pos.ravel(), n, self.seed, self.source.split)
+            tokens, nbytes = self.source.read(rows)
+            yield _Chunk(tokens.reshape(ks.size, b, -1), nbytes, as_bytes=info is not None)
+
+
+class TokenLoader:
+    """Iterable of ``{"input_ids": LongTensor[b, L], "labels": LongTensor[b, L]}`` for one rank."""
+
+    def __init__(self, manifest: Manifest, *, rank: int, world_size: int, micro_batch_size: int, seed: int,
+                 num_workers: int = 1, split: str = "train", prefetch: int = 4, verify: str = "size",
+                 skip_corrupt: bool = False, cache_dir: Optional[Union[str, os.PathLike]] = None,
+                 pin_memory: bool = False):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise DataError(f"loader rank={rank} world_size={world_size} is invalid: need 0 <= rank < world_size")
+        if micro_batch_size < 1:
+            raise DataError(f"train.micro_batch_size={micro_batch_size} is invalid: must be >= 1")
+        if num_workers < 0 or prefetch < 1:
+            raise DataError(f"data.num_workers={num_workers} / data.prefetch={prefetch} are invalid: need >= 0 / >= 1")
+        if verify not in ("size", "full", "none"):
+            raise DataError(f"data.verify_shards={verify!r} is invalid: one of 'size', 'full', 'none'")
+        if split not in manifest.splits:
+            raise DataError(f"split {split!r} is not in {manifest.location}: one of {sorted(manifest.splits)}")
+        self.manifest, self.rank, self.world_size, self.micro_batch_size = manifest, rank, world_size, micro_batch_size
+        self.seed, self.split, self.num_workers, self.prefetch = int(seed), split, num_workers, prefetch
+        self.pin_memory = pin_memory
+        shards = manifest.splits[split].shards
+        bad = _check_shards(shards, verify)
+        if bad and not skip_corrupt:
+            s, why = bad[0]
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            raise DataError(f"shard {s.location} {why}{more}: re-run `slam-pretrain prepare`, or set "
+                            "data.skip_corrupt_shards=true to leave such shards out")
+        for s, why in bad:
+            storage.warn_once(f"skipping shard {s.location}: {why}")
+        self.skipped = [s.url for s, _ in bad]
+        kept = [s for s in shards if s.url not in set(self.skipped)]
+        if not kept:
+            raise DataError(f"no usable {split} shard left in {manifest.location}")
+        cache = Path(cache_dir) if cache_dir else default_cache_dir(manifest)
+        self._source = _RowSource(kept, split, manifest.row_format, cache, check_crc=verify != "none")
+        self.pad_id = int(manifest.tokenizer.get("pad_id", 0))
+        self._position = 0
+        self._active: Optional[weakref.ref] = None  # weak: no loader <-> generator cycle
+        self.wait_time_s = 0.0  # cumulative time the consumer waited in next(); see pop_wait_time()
+        self.bytes_read = 0  # bytes this rank transferred from the shards (all workers)
+
+    # -- sizes and positions ---------------------------------------------------------------------
+
+    @property
+    def num_rows(self) -> int:
+        return self._source.num_rows
+
+    @property
+    def round_size(self) -> int:
+        """Samples per round over all ranks (micro_batch_size * world_size)."""
+        return self.micro_batch_size * self.world_size
+
+    @property
+    def position(self) -> int:
+        """Samples consumed so far by all ranks together (the resume state)."""
+        return self._position
+
+    @property
+    def epoch(self) -> int:
+        return 0 if self.split == "val" else self._position // self.num_rows
+
+    def _epoch_rounds(self) -> tuple[int, int]:
+        """(first position, number of rounds) that the next iter() yields."""
+        n, M = self.num_rows, self.round_size
+        if self.split == "val":
+            return 0, -(-n // M)
+        p = self._position
+        end = (p // n + 1) * n
+        return p, -(-(end - p) // M)
+
+    def __len__(self) -> int:
+        n, M = self.num_rows, self.round_size
+        if self.split == "val":
+            return -(-n // M)
+        p, e = self._position, self._position // n
+        # Rounds p + k*M (any integer k) that start in [e*n, (e+1)*n).
+        return -(-((e + 1) * n - p) // M) - -(-(e * n - p) // M)
+
+    # -- iteration -------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        self._close_active()  # one live iterator: a new iter() drops the old one's prefetch
+        gen = self._run()
+        self._active = weakref.ref(gen)
+        return gen
+
+    def _close_active(self) -> None:
+        gen = self._active() if self._active is not None else None
+        if gen is not None:
+            gen.close()
+        self._active = None
+
+    def _run(self) -> Iterator[dict[str, torch.Tensor]]:
+        start, count = self._epoch_rounds()
+        ds = _Rounds(self._source, rank=self.rank, world_size=self.world_size, micro_batch_size=self.micro_batch_size,
+                     seed=self.seed, start=start, count=count, fixed=self.split == "val")
+        chunks = -(-count // ds.per_chunk)
+        if self.num_workers == 0:
+            inner: Iterator = iter(ds)
+        else:
+            dl = DataLoader(ds, batch_size=None, num_workers=min(self.num_workers, chunks) or 1,
+                            prefetch_factor=self.prefetch, persistent_workers=False)
+            inner = iter(dl)
+        dtype = self.manifest.row_format.np_dtype
+        try:
+            for _ in range(chunks):
+                t0 = time.perf_counter()
+                chunk = next(inner)
+                self.wait_time_s += time.perf_counter() - t0
+                self.bytes_read += chunk.nbytes
+                rows = chunk.data
+                if isinstance(rows, bytes):
+                    rows = np.frombuffer(rows, dtype=dtype).reshape(chunk.shape)
+                for i in range(rows.shape[0]):
+                    batch = self._batch(rows[i])
+                    if self.split != "val":
+                        self._position += self.round_size  # counted when handed out, never when prefetched
+                    yield batch
+        finally:
+            shutdown = getattr(inner, "_shutdown_workers", None)
+            if shutdown is not None:  # stop the workers now; their prefetched chunks are dropped
+                shutdown()
+
+    def _batch(self, data: np.ndarray) -> dict[str, torch.Tensor]:
+        b, width = data.shape  # [b, L+1]
+        inputs = np.empty((b, width - 1), dtype=np.int64)
+        labels = np.empty((b, width - 1), dtype=np.int64)
+        inputs[...] = data[:, :-1]  # widen and shift in one pass each
+        labels[...] = data[:, 1:]
+        padded = np.nonzero(data[:, -1] == self.pad_id)[0]  # only a split's last row ends with pads
+        for i in padded.tolist():
+            labels[i][labels[i] == self.pad_id] = IGNORE_INDEX
+        batch = {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(labels)}
+        if self.pin_memory:
+            batch = {k: v.pin_memory() for k, v in batch.items()}
+        return batch
+
+    def pop_wait_time(self) -> float:
+        """Consumer wait time since the last call (for a per-log-interval ``data_wait_s``)."""
+        w, self.wait_time_s = self.wait_time_s, 0.0
+        return w
+
+    # -- resume ----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "dataset_id": self.manifest.dataset_id, "split": self.split,
+                "seed": self.seed, "position": self._position, "epoch": self.epoch, "num_rows": self.num_rows,
+                "skipped_shards": list(self.skipped), "rank": self.rank, "world_size": self.world_size,
+                "micro_batch_size": self.micro_batch_size}
+
+    def load_state_dict(self, state: Union[dict[str, Any], Sequence[dict[str, Any]]]) -> None:
+        """Continue from a saved state: one rank's (any rank: they agree) or a list of all ranks'."""
+        states = list(state) if isinstance(state, (list, tuple)) else [state]
+        if not states:
+            raise DataError("loader state list is empty")
+        positions = {int(s.get("position", -1)) for s in states}
+        if len(positions) != 1:
+            raise DataError(f"saved loader states disagree on the position ({sorted(positions)[:4]}): "
+                            "the checkpoint was not taken at a step boundary")
+        s = states[0]
+        if s.get("version") != STATE_VERSION:
+            raise DataError(f"loader state version {s.get('version')} is not {STATE_VERSION}")
+        if s.get("dataset_id") != self.manifest.dataset_id:
+            raise DataError(f"loader state is from another dataset ({str(s.get('dataset_id'))[:12]}... vs "
+                            f"{self.manifest.dataset_id[:12]}... in {self.manifest.location}): resume with the "
+                            "dataset the run started with")
+        if s.get("split") != self.split or int(s.get("seed", -1)) != self.seed:
+            raise DataError(f"loader state has split={s.get('split')!r} seed={s.get('seed')}, this loader "
+                            f"split={self.split!r} seed={self.seed}: resume with the same data seed")
+        if int(s.get("num_rows", -1)) != self.num_rows:
+            storage.warn_once(f"the dataset has {self.num_rows} usable rows, the saved state {s.get('num_rows')} "
+                              "(skipped shards changed): continuing at the same position in a different order")
+        self._close_active()
+        self._position = positions.pop()
+
+
+def _check_shards(shards: list[ShardInfo], verify: str) -> list[tuple[ShardInfo, str]]:
+    """(shard, problem) for each shard failing the start-up check, in manifest order."""
+    if verify == "none":
+        return []
+
+    def check(s: ShardInfo) -> Optional[str]:
+        size = storage.size_of(s.location)
+        if size is None:
+            return "is missing"
+        if size != s.bytes:
+            return f"is truncated or damaged ({size} bytes, manifest says {s.bytes})"
+        if verify == "full" and storage.sha256_of(s.location) != s.sha256:
+            return "fails its sha256 check (corrupted)"
+        return None
+
+    remote = any(storage.is_url(s.location) for s in shards)
+    if remote or verify == "full":
+        with ThreadPoolExecutor(min(16, len(shards))) as ex:
+            results = list(ex.map(check, shards))
+    else:
+        results = [check(s) for s in shards]
+    return [(s, why) for s, why in zip(shards, results) if why]
+
+
+def build_loader(manifest: Union[Manifest, str, os.PathLike], *, rank: int, world_size: int, micro_batch_size: int,
+                 seed: int, num_workers: int = 1, split: str = "train", prefetch: int = 4, verify: str = "size",
+                 skip_corrupt: bool = False, cache_dir: Optional[Union[str, os.PathLike]] = None,
+                 pin_memory: bool = False) -> TokenLoader:
+    """The loader for one rank; ``manifest`` is a Manifest, a path/folder or an http(s) URL."""
+    m = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
+    return TokenLoader(m, rank=rank, world_size=world_size, micro_batch_size=micro_batch_size, seed=seed,
+                       num_workers=num_workers, split=split, prefetch=prefetch, verify=verify,
+                       skip_corrupt=skip_corrupt, cache_dir=cache_dir, pin_memory=pin_memory)
+
+
+def loader_kwargs(data_cfg: Any) -> dict[str, Any]:
+    """The ``build_loader`` keyword arguments that come from the ``data`` config section."""
+    return {"num_workers": data_cfg.num_workers, "prefetch": data_cfg.prefetch, "verify": data_cfg.verify_shards,
+            "skip_corrupt": data_cfg.skip_corrupt_shards, "cache_dir": data_cfg.cache_dir}

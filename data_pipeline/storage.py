@@ -1,0 +1,249 @@
+"""Reading bytes from local paths and http(s) URLs: whole files, sizes, and byte ranges.
+
+Shard rows are read with range requests (``Range: bytes=a-b``), so a rank transfers only its own
+rows. A server that ignores ``Range`` (answers 200) gets the whole shard downloaded once into a
+local cache (checked against its sha256, renamed into place), which is then read locally.
+Transient network errors are retried with backoff; a missing file or a persistent failure is a
+DataError naming the URL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Optional
+from urllib.parse import urljoin
+
+import numpy as np
+
+from data_pipeline.errors import DataError
+
+_RETRIES = 4
+_TIMEOUT = (10, 120)  # connect, read seconds
+_warned: set[str] = set()
+
+
+def is_url(s: str) -> bool:
+    return s.startswith(("http://", "https://"))
+
+
+def join_location(base: str, name: str) -> str:
+    """``name`` resolved against ``base`` (a directory path or a URL ending in '/')."""
+    if is_url(name) or os.path.isabs(name):
+        return name
+    return urljoin(base, name) if is_url(base) else os.path.join(base, name)
+
+
+def warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        print(f"[data] warning: {msg}", file=sys.stderr, flush=True)
+
+
+_tls = threading.local()
+_pool: Optional[ThreadPoolExecutor] = None
+_pool_pid = -1
+RANGE_CONCURRENCY = 4  # range requests in flight per process (x num_workers): latency bounds rows/s
+
+
+def _http():
+    """One requests.Session per thread and process (sessions must not cross a fork)."""
+    if getattr(_tls, "pid", None) != os.getpid():
+        import requests
+
+        _tls.session, _tls.pid = requests.Session(), os.getpid()
+    return _tls.session
+
+
+def _range_pool() -> ThreadPoolExecutor:
+    global _pool, _pool_pid
+    if _pool is None or _pool_pid != os.getpid():
+        _pool, _pool_pid = ThreadPoolExecutor(RANGE_CONCURRENCY, thread_name_prefix="shard-range"), os.getpid()
+    return _pool
+
+
+def _request(method: str, url: str, headers: Optional[dict] = None, stream: bool = False):
+    import requests
+
+    last: Exception | None = None
+    for attempt in range(_RETRIES):
+        try:
+            r = _http().request(method, url, headers=headers, stream=stream, timeout=_TIMEOUT)
+            if r.status_code < 500:
+                return r
+            last = RuntimeError(f"HTTP {r.status_code}")
+            r.close()
+        except (requests.ConnectionError, requests.Timeout) as e:
+            last = e
+        if attempt + 1 < _RETRIES:
+            time.sleep(0.25 * 2**attempt)
+    raise DataError(f"{url}: unreachable after {_RETRIES} tries ({type(last).__name__}: {last})")
+
+
+def read_bytes(location: str) -> bytes:
+    """The whole content of a local path or URL."""
+    if is_url(location):
+        r = _request("GET", location)
+        if r.status_code != 200:
+            raise DataError(f"{location}: HTTP {r.status_code} (expected 200)")
+        return r.content
+    try:
+        return Path(location).read_bytes()
+    except OSError as e:
+        raise DataError(f"{location}: cannot be read ({e.strerror or e})") from None
+
+
+def size_of(location: str) -> Optional[int]:
+    """Size in bytes, or None when the file does not exist."""
+    if is_url(location):
+        r = _request("HEAD", location)
+        r.close()
+        if r.status_code == 404:
+            return None
+        if r.status_code != 200 or "Content-Length" not in r.headers:
+            raise DataError(f"{location}: HEAD gave HTTP {r.status_code} without a Content-Length")
+        return int(r.headers["Content-Length"])
+    try:
+        return os.stat(location).st_size
+    except FileNotFoundError:
+        return None
+
+
+def sha256_of(location: str) -> str:
+    h = hashlib.sha256()
+    if is_url(location):
+        r = _request("GET", location, stream=True)
+        if r.status_code != 200:
+            raise DataError(f"{location}: HTTP {r.status_code} (expected 200)")
+        for chunk in r.iter_content(1 << 20):
+            h.update(chunk)
+        return h.hexdigest()
+    with open(location, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class ShardFile:
+    """Random access to the fixed-size records of one shard (local or remote).
+
+    ``read(rows)`` returns records [k, record_bytes] for sorted, unique row ids and the number
+    of bytes it had to transfer. Opened lazily, so instances can be pickled into workers.
+    """
+
+    def __init__(self, location: str, size: int, sha256: str, record_bytes: int, rows: int, cache_dir: Path):
+        self.location, self.size, self.sha256 = location, size, sha256
+        self.record_bytes, self.rows, self.cache_dir = record_bytes, rows, cache_dir
+        self._mm: Optional[np.ndarray] = None
+        self._mm_pid = -1
+        self._ranges_ok = True
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_mm"], state["_mm_pid"] = None, -1
+        return state
+
+    def _local(self, path: str) -> np.ndarray:
+        if self._mm is None or self._mm_pid != os.getpid():
+            need = self.rows * self.record_bytes
+            try:
+                with open(path, "rb") as f:
+                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError) as e:
+                raise DataError(f"shard {path}: cannot be read ({e}); re-run `slam-pretrain prepare`") from None
+            if len(mm) < need:
+                raise DataError(f"shard {path} is truncated ({len(mm)} bytes, {self.rows} rows need {need}); "
+                                "re-run `slam-pretrain prepare`")
+            arr = np.frombuffer(mm, dtype=np.uint8, count=need)
+            self._mm, self._mm_pid = arr.reshape(self.rows, self.record_bytes), os.getpid()
+        return self._mm
+
+    def runs(self, rows: np.ndarray) -> list[tuple[int, int, int, int]]:
+        """(first index, end index, first byte, last byte) of each stretch of consecutive rows."""
+        breaks = np.nonzero(np.diff(rows) != 1)[0] + 1
+        starts = np.concatenate(([0], breaks)).tolist()
+        ends = np.concatenate((breaks, [rows.size])).tolist()
+        R = self.record_bytes
+        return [(s, e, int(rows[s]) * R, (int(rows[s]) + e - s) * R - 1) for s, e in zip(starts, ends)]
+
+    def get_range(self, lo: int, hi: int) -> Optional[bytes]:
+        """Bytes lo..hi (inclusive) over HTTP, or None when the server ignores Range."""
+        r = _request("GET", self.location, headers={"Range": f"bytes={lo}-{hi}"})
+        if r.status_code == 200:
+            r.close()
+            return None
+        if r.status_code == 404:
+            raise DataError(f"shard {self.location}: HTTP 404 (missing); re-run `slam-pretrain prepare`")
+        body = r.content
+        if r.status_code != 206 or len(body) != hi - lo + 1:
+            raise DataError(f"shard {self.location}: range {lo}-{hi} gave HTTP {r.status_code} with "
+                            f"{len(body)} bytes (truncated shard?)")
+        return body
+
+    def read(self, rows: np.ndarray) -> tuple[np.ndarray, int]:
+        """Records [k, record_bytes] of sorted row ids [k], and the bytes transferred."""
+        return read_many([(self, rows)])[0]
+
+    def _fallback(self, rows: np.ndarray) -> tuple[np.ndarray, int]:
+        first = self._ranges_ok
+        if first:
+            warn_once(f"{self.location.rsplit('/', 1)[0]}/ ignores HTTP Range requests: "
+                      f"downloading whole shards into {self.cache_dir}")
+            self._ranges_ok = False
+        return self._local(str(self._cached_copy()))[rows], self.size if first else 0
+
+    def _cached_copy(self) -> Path:
+        name = self.location.rstrip("/").rsplit("/", 1)[-1]
+        path = self.cache_dir / name
+        if path.exists() and path.stat().st_size == self.size:
+            return path
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{name}.tmp-{os.getpid()}")
+        r = _request("GET", self.location, stream=True)
+        if r.status_code != 200:
+            raise DataError(f"shard {self.location}: HTTP {r.status_code} (expected 200)")
+        h = hashlib.sha256()
+        with open(tmp, "wb") as f:
+            for chunk in r.iter_content(1 << 20):
+                h.update(chunk)
+                f.write(chunk)
+        if h.hexdigest() != self.sha256:
+            tmp.unlink(missing_ok=True)
+            raise DataError(f"shard {self.location}: sha256 mismatch after download (corrupted shard); "
+                            "re-run `slam-pretrain prepare` or set data.skip_corrupt_shards=true")
+        os.replace(tmp, path)
+        return path
+
+
+def read_many(requests_: list[tuple[ShardFile, np.ndarray]]) -> list[tuple[np.ndarray, int]]:
+    """``ShardFile.read`` for several shards at once; remote ranges are fetched concurrently."""
+    out: list[Optional[tuple[np.ndarray, int]]] = [None] * len(requests_)
+    jobs = []  # (request index, first, end, lo, hi)
+    for i, (f, rows) in enumerate(requests_):
+        if not is_url(f.location):
+            out[i] = (f._local(f.location)[rows], int(rows.size) * f.record_bytes)
+        elif not f._ranges_ok:
+            out[i] = f._fallback(rows)
+        else:
+            jobs.extend((i, *run) for run in f.runs(rows))
+    if jobs:
+        fetch = lambda job: requests_[job[0]][0].get_range(job[3], job[4])  # noqa: E731
+        bodies = list(_range_pool().map(fetch, jobs)) if len(jobs) > 1 else [fetch(jobs[0])]
+        recs = {i: np.empty((requests_[i][1].size, requests_[i][0].record_bytes), dtype=np.uint8)
+                for i in {j[0] for j in jobs}}
+        no_ranges = set()
+        for (i, s, e, lo, hi), body in zip(jobs, bodies):
+            if body is None:
+                no_ranges.add(i)
+            else:
+                recs[i][s:e] = np.frombuffer(body, dtype=np.uint8).reshape(e - s, -1)
+        for i, rec in recs.items():
+            f, rows = requests_[i]
+            out[i] = f._fallback(rows) if i in no_ranges else (rec, int(rows.size) * f.record_bytes)
+    return out  # type: ignore[return-value]
