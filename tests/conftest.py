@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from data_assets import build_tiny_dataset
+from data_assets import shared_tiny_dataset
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -14,4 +14,4 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 @pytest.fixture(scope="session")
 def tiny_manifest(tmp_path_factory):
     """~1 MB of stdlib text -> tokenizer (vocab 2048) -> rows of 129 tokens; returns manifest.json."""
-    return build_tiny_dataset(tmp_path_factory.mktemp("tiny_dataset"), seq_len=128, vocab_size=2048)
+    return shared_tiny_dataset(tmp_path_factory)
