@@ -31,12 +31,15 @@ def run_demo(args: argparse.Namespace) -> int:
     gen_args = argparse.Namespace(checkpoint=cfg.run.out_dir, input=PROMPT, max_new_tokens=48,
                                   temperature=0.0, top_k=0, top_p=1.0, seed=0, device="cpu")
     generate_cli(gen_args)
+    from slam_pretrain.tracking import resolve_tracking_uri, ui_command
+
     out = Path(cfg.run.out_dir).resolve()
-    store = cfg.tracking.uri or f"sqlite:///{out / 'mlflow.db'}"
+    store = resolve_tracking_uri(cfg.tracking.uri, out)
     print()
     print(f"checkpoints: {out / 'checkpoints'}")
     print(f"metrics:     {out / 'metrics.jsonl'}")
+    print(f"export:      {out / 'export' / 'model.safetensors'}")
     print(f"MLflow:      {store}")
-    print(f"  view it:   .venv/bin/mlflow ui --backend-store-uri {store} --port 5000")
+    print(f"  view it:   {ui_command(store)}")
     print(f"demo finished in {time.perf_counter() - t0:.0f} s")
     return 0
