@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import io
 import json
 import os
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Union
 import torch
 import yaml
 
+from data_pipeline.storage import sha256_of
 from slam_pretrain.checkpoint import STEP_RE, find_latest, is_complete
 from slam_pretrain.errors import UserError
 
@@ -58,11 +58,7 @@ def export_paths(out: PathLike) -> tuple[Path, Path, Path]:
 
 
 def sha256_file(path: PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_of(str(path))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ uninterrupted run.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import sys
@@ -24,14 +23,6 @@ from slam_pretrain.errors import UserError
 EXIT_OK = 0
 EXIT_BAD_STEPS = 3
 EXIT_SIGNAL = 143  # what a shell reports for SIGTERM; the sbatch scripts requeue on it
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _seed_all(seed: int) -> None:
@@ -83,6 +74,7 @@ def run_training(cfg: Config, resume: str = "auto") -> int:
     stop_flag = StopFlag().install()
     from data_pipeline.loader import build_loader, loader_kwargs
     from data_pipeline.manifest import check_compatible, load_manifest
+    from data_pipeline.storage import sha256_of
     from slam_pretrain.callbacks import CheckpointCallback, LogCallback, TrackingCallback
     from slam_pretrain.checkpoint import CheckpointManager, capture_rng, restore_rng
     from slam_pretrain.distributed import destroy, init_distributed
@@ -132,7 +124,7 @@ def run_training(cfg: Config, resume: str = "auto") -> int:
 
     tokenizer_path = manifest.tokenizer_path() if main else None
     checksums = {"tokenizer_sha256": manifest.tokenizer_sha256,
-                 "manifest_sha256": _sha256(Path(manifest_loc)) if Path(manifest_loc).is_file() else None}
+                 "manifest_sha256": sha256_of(manifest_loc)}
     state = TrainerState()
     resume_path = _resolve_resume(resume, ckpt)
     if resume_path is not None:
