@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -29,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from slam_pretrain.model import (EncoderBlock, ModelConfig, SLAMv1LM, count_params, flops_per_token, make_norm,
                                  rope_freqs)
 
