@@ -343,6 +343,17 @@ def test_preempt_requeue_resume(cluster, dataset_dir: Path, reference: Job, tmp_
     job.wait(lambda i: int(i.get("Restarts", 0)) >= 1 and i.get("JobState") == "PENDING", 120, "requeue")
     stopped = int(latest_checkpoint(job.out_dir).name.split("_")[1])
     assert CKPT_INTERVAL + 2 <= stopped < MAX_STEPS, f"checkpoint after the stop is at step {stopped}"
+    # Starting the requeued job before the nodes have finished tearing down the first attempt gets
+    # it killed by slurmctld ("Job credential revoked"); SLURM's own ~2 min BeginTime delay avoids
+    # that in production, so wait for the teardown here before skipping the delay.
+    wait_until = time.monotonic() + 60
+    while time.monotonic() < wait_until:
+        steps = _run(["squeue", "-h", "-s", "-j", job.id], cluster, check=False).strip()
+        states = _run(["sinfo", "-h", "-N", "-o", "%T"], cluster, check=False).split()
+        if not steps and states and all(st.rstrip("*~#") == "idle" for st in states):
+            break
+        time.sleep(0.5)
+    time.sleep(2)
     _run(["scontrol", "update", f"JobId={job.id}", "StartTime=now"], cluster)
     job.wait_done()
     log = job.text()
