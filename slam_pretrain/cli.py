@@ -1,8 +1,9 @@
 """``slam-pretrain`` command line: prepare, train, generate, export, demo.
 
 User mistakes (ConfigError, UserError, DataError, missing files) become one line on stderr and
-exit code 2; nothing else in the package calls ``sys.exit``. Heavy imports happen inside the
-subcommands so ``--help`` and config errors answer instantly.
+exit code 2; nothing else in the package calls ``sys.exit``. Heavy imports (DeepSpeed, MLflow,
+sentencepiece) happen inside the subcommands; a config error costs only the torch import that
+``ModelConfig``'s module brings (~1.5 s).
 """
 
 from __future__ import annotations
