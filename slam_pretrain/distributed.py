@@ -240,13 +240,23 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_max(value: float) -> float:
-    """The maximum of ``value`` over ranks."""
+def _all_reduce_scalar(value: float, op: "dist.ReduceOp") -> float:
     if not _active() or dist.get_world_size() == 1:
         return float(value)
     t = torch.tensor([float(value)], dtype=torch.float64, device=_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=op)
     return float(t.item())
+
+
+def all_reduce_max(value: float) -> float:
+    """The maximum of ``value`` over ranks."""
+    return _all_reduce_scalar(value, dist.ReduceOp.MAX)
+
+
+def all_reduce_mean(value: float) -> float:
+    """The mean of ``value`` over ranks (float64 sum, then divided by the world size)."""
+    total = _all_reduce_scalar(value, dist.ReduceOp.SUM)
+    return total / dist.get_world_size() if _active() else total
 
 
 def all_reduce_any(flag: bool) -> bool:

@@ -78,7 +78,7 @@ def run_training(cfg: Config, resume: str = "auto") -> int:
     from slam_pretrain.callbacks import CheckpointCallback, LogCallback, TrackingCallback
     from slam_pretrain.checkpoint import CheckpointManager, capture_rng, restore_rng
     from slam_pretrain.distributed import destroy, init_distributed
-    from slam_pretrain.engine import build_engine
+    from slam_pretrain.engine import build_engine, grad_accum_steps
     from slam_pretrain.metrics import ConsoleSink, JsonlSink, memory_gb, peak_flops
     from slam_pretrain.model import SLAMv1LM, count_params, flops_per_token
     from slam_pretrain.optim import lr_at
@@ -96,11 +96,7 @@ def run_training(cfg: Config, resume: str = "auto") -> int:
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
     t = cfg.train
-    per_step = t.micro_batch_size * world
-    if t.global_batch_size % per_step:
-        raise UserError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
-                        f"train.micro_batch_size x world size = {t.micro_batch_size} x {world}")
-    grad_accum = t.global_batch_size // per_step
+    grad_accum = grad_accum_steps(t, world)  # checked before the model is built; the engine agrees
 
     _seed_all(cfg.run.seed)
     model = SLAMv1LM(cfg.model)

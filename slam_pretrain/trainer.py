@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
 
 import torch
-import torch.distributed as dist
+
+from slam_pretrain.distributed import all_reduce_any, all_reduce_mean
 
 
 @dataclass
@@ -83,14 +84,6 @@ class StopFlag:
         self._previous = {}
 
 
-def _all_reduce(value: float, op: str, device: torch.device) -> float:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-    return t.item() / (dist.get_world_size() if op == "mean" else 1)
-
-
 class Trainer:
     def __init__(
         self,
@@ -126,7 +119,7 @@ class Trainer:
         self.stop_flag = stop_flag or StopFlag()
         self.status = "running"
         self._epoch_iter: Optional[Iterator[dict[str, torch.Tensor]]] = None
-        self._window = {"steps": 0, "time": 0.0, "wait": 0.0, "tokens": 0, "loss": 0.0, "gnorm": 0.0}
+        self._window = {"steps": 0, "time": 0.0, "wait": 0.0, "tokens": 0}
 
     # -- data ------------------------------------------------------------------------------
     def _next_batch(self) -> dict[str, torch.Tensor]:
@@ -156,7 +149,7 @@ class Trainer:
             loss_sum += self.engine.forward_backward(input_ids, labels).double()
         result = self.engine.optimizer_step(lr)
         # The mean over ranks of each rank's mean micro-batch loss (equal-sized batches).
-        loss = _all_reduce(loss_sum.item() / self.grad_accum, "mean", self.device)
+        loss = all_reduce_mean(loss_sum.item() / self.grad_accum)
         self.state.step += 1
         self.state.tokens += self.tokens_per_step
         if result.skipped or not math.isfinite(loss):
@@ -210,7 +203,7 @@ class Trainer:
         self.engine.train()
         if n == 0:
             return None
-        val_loss = _all_reduce(total / n, "mean", self.device)
+        val_loss = all_reduce_mean(total / n)
         return {"step": self.state.step, "max_steps": self.max_steps, "split": "val",
                 "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
@@ -243,7 +236,7 @@ class Trainer:
                 for cb in self.callbacks:
                     cb.on_step_end(self)
                 # Every rank must stop at the same step: agree on the flag collectively.
-                if _all_reduce(1.0 if self.stop_flag.signum else 0.0, "max", self.device) > 0:
+                if all_reduce_any(self.stop_flag.signum is not None):
                     self.status = "signal"
                     break
             else:
