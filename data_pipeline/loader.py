@@ -41,10 +41,14 @@ Nothing is seeded from time, pid or hash().
 ``iter()`` starts from the beginning: ceil(N_val / M) rounds, the last one wrapping around to the
 first rows. The same batches every time.
 
-*Integrity.* At start every rank checks each shard's size (``verify="size"``) or sha256
-(``"full"``, reads every shard once); a missing, truncated or corrupted shard is a DataError
-naming it, or, with ``skip_corrupt=True``, left out on every rank alike (all ranks see the same
-files). While reading, each row's name and CRC-32 are checked.
+*Integrity.* At start the tokenizer is checked against the manifest's sha256 and every rank
+checks each shard's size (``verify="size"``) or sha256 (``"full"``, reads every shard once); a
+missing, truncated or corrupted shard is a DataError naming it, or, with ``skip_corrupt=True``,
+left out on every rank alike (all ranks see the same files). While reading, each row's name and
+CRC-32 are checked; a damaged row (or a shard that became unreadable) is a CorruptData naming the
+shard and row, or, with ``skip_corrupt=True``, replaced by the next intact row of the split and
+reported once (see ``_RowSource``): a function of the data only, so every rank, worker count and
+resume decides alike. Errors met in worker processes reach the consumer as the same one line.
 """
 
 from __future__ import annotations
@@ -61,9 +65,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline import order, storage
-from data_pipeline.errors import DataError
+from data_pipeline.errors import CorruptData, DataError
 from data_pipeline.manifest import Manifest, ShardInfo, default_cache_dir, load_manifest
-from data_pipeline.shards import RowFormat, decode_records
+from data_pipeline.shards import RowFormat, bad_records, corrupt_row_error, tokens_of
 
 STATE_VERSION = 1
 IGNORE_INDEX = -100
@@ -71,21 +75,33 @@ _GROUP_POSITIONS = 256  # rows per chunk: a worker orders, reads and hands over 
 
 
 class _RowSource:
-    """The kept shards of one split: maps row ids to (shard, row) and reads them. Picklable."""
+    """The kept shards of one split: maps row ids to (shard, row) and reads them. Picklable.
 
-    def __init__(self, shards: list[ShardInfo], split: str, fmt: RowFormat, cache_dir: Path, check_crc: bool):
-        self.split, self.fmt, self.check_crc = split, fmt, check_crc
+    Damaged data met while reading (a row failing its CRC-32 or not where the manifest says, a
+    shard gone or truncated since start-up) raises CorruptData naming the shard and row, or, with
+    ``skip_corrupt``, is skipped: the damaged row's place in the batch is taken by the next intact
+    row of the split (row id + 1, + 2, ..., wrapping around). That choice depends only on the
+    data, so it is the same on every rank, worker count and resume, and the loader state stays one
+    number.
+    """
+
+    def __init__(self, shards: list[ShardInfo], split: str, fmt: RowFormat, cache_dir: Path, check_crc: bool,
+                 skip_corrupt: bool = False):
+        self.split, self.fmt, self.check_crc, self.skip_corrupt = split, fmt, check_crc, skip_corrupt
         self.infos = shards
         self.files = [storage.ShardFile(s.location, s.bytes, s.sha256, fmt.record_bytes, s.rows, cache_dir)
                       for s in shards]
         self.starts = np.concatenate(([0], np.cumsum([s.rows for s in shards]))).astype(np.int64)
+        self._unreadable: dict[int, str] = {}  # shard -> problem (per process: found while reading)
+        self._replacement: dict[int, int] = {}  # damaged row id -> the intact row read in its place
 
     @property
     def num_rows(self) -> int:
         return int(self.starts[-1])
 
-    def read(self, rows: np.ndarray) -> tuple[np.ndarray, int]:
-        """Token rows [k, row_tokens] for row ids [k], and the bytes transferred."""
+    def read(self, rows: np.ndarray) -> tuple[np.ndarray, int, list[str]]:
+        """Token rows [k, row_tokens] for row ids [k], the bytes transferred, and one line per
+        damaged row skipped (only with ``skip_corrupt``; otherwise the first one raises)."""
         order_ = np.argsort(rows, kind="stable")  # shard by shard, ascending offsets in each
         srt = rows[order_]
         shard_of = np.searchsorted(self.starts, srt, side="right") - 1
@@ -93,14 +109,90 @@ class _RowSource:
         out = np.empty((rows.size, self.fmt.row_tokens), dtype=self.fmt.np_dtype)
         segments = [(int(shard_of[a]), a, b) for a, b in zip(cuts[:-1], cuts[1:])]
         wanted = [srt[a:b] - self.starts[s] for s, a, b in segments]
-        results = storage.read_many([(self.files[s], local) for (s, _, _), local in zip(segments, wanted)])
-        nbytes = 0
-        for (s, a, b), local, (rec, nb) in zip(segments, wanted, results):
+        requests = [(self.files[s], local) for (s, _, _), local in zip(segments, wanted)]
+        one_by_one = lambda: [self._read_shard(s, local) for (s, _, _), local in zip(segments, wanted)]  # noqa: E731
+        results: list
+        if any(s in self._unreadable for s, _, _ in segments):
+            results = one_by_one()
+        else:
+            try:
+                results = storage.read_many(requests)
+            except CorruptData:
+                if not self.skip_corrupt:
+                    raise
+                results = one_by_one()
+        nbytes, skipped = 0, []
+        for (s, a, b), local, res in zip(segments, wanted, results):
             info = self.infos[s]
-            out[order_[a:b]] = decode_records(rec, local, self.split, info.index, self.fmt, info.location,
-                                              self.check_crc)
-            nbytes += nb
-        return out, nbytes
+            if res is None:  # the whole shard is unreadable
+                bad = [(i, self._unreadable[s]) for i in range(b - a)]
+            else:
+                rec, nb = res
+                nbytes += nb
+                bad = bad_records(rec, local, self.split, info.index, self.fmt, self.check_crc)
+                if bad and not self.skip_corrupt:
+                    i, problem = bad[0]
+                    raise corrupt_row_error(info.location, int(local[i]), problem)
+                out[order_[a:b]] = tokens_of(rec, self.fmt)
+            for i, problem in bad:
+                row = int(self.starts[s] + local[i])
+                sub, nb = self._intact_replacement(row)
+                out[order_[a + i]] = sub
+                nbytes += nb
+                s2, local2 = self._locate(self._replacement[row])
+                skipped.append(f"shard {info.location}: row {int(local[i])} {problem}; skipped "
+                               f"(data.skip_corrupt_shards): row {local2} of {self.infos[s2].url} is read in its place")
+        return out, nbytes, skipped
+
+    def _locate(self, row: int) -> tuple[int, int]:
+        """(shard index, row within the shard) of row id ``row``."""
+        s = int(np.searchsorted(self.starts, row, side="right") - 1)
+        return s, int(row - self.starts[s])
+
+    def _read_shard(self, s: int, local: np.ndarray) -> Optional[tuple[np.ndarray, int]]:
+        """Records of rows ``local`` of shard ``s``, or None when the shard cannot be read at all."""
+        if s in self._unreadable:
+            return None
+        try:
+            return self.files[s].read(local)
+        except CorruptData as e:
+            self._unreadable[s] = f"is in a shard that cannot be read now ({str(e).split('; re-run')[0]})"
+            return None
+
+    def _row_if_intact(self, row: int) -> Optional[tuple[np.ndarray, int]]:
+        s, j = self._locate(row)
+        local = np.array([j], dtype=np.int64)
+        res = self._read_shard(s, local)
+        if res is None:
+            return None
+        rec, nb = res
+        info = self.infos[s]
+        if bad_records(rec, local, self.split, info.index, self.fmt, self.check_crc):
+            return None
+        return tokens_of(rec, self.fmt)[0], nb
+
+    def _intact_replacement(self, row: int) -> tuple[np.ndarray, int]:
+        """The first intact row after ``row`` (wrapping around) and the bytes read to find it."""
+        n = self.num_rows
+        if row in self._replacement:
+            got = self._row_if_intact(self._replacement[row])
+            if got is not None:
+                return got
+        nbytes, step = 0, 1
+        while step < n:
+            cand = (row + step) % n
+            s, j = self._locate(cand)
+            if s in self._unreadable:  # jump to the next shard's first row
+                step += self.infos[s].rows - j
+                continue
+            got = self._row_if_intact(cand)
+            if got is not None:
+                self._replacement[row] = cand
+                return got[0], nbytes + got[1]
+            nbytes += self.fmt.record_bytes
+            step += 1
+        raise CorruptData(f"no intact {self.split} row left to read in place of damaged ones: every shard "
+                          "is damaged; re-run `slam-pretrain prepare`")
 
 
 class _Chunk:
@@ -108,14 +200,28 @@ class _Chunk:
 
     Workers hand over whole chunks (not single batches): one queue transfer per ~256 rows instead
     of per batch, and plain bytes, which pickle fast (tensors would go through shared-memory
-    handles, several times slower for small batches).
+    handles, several times slower for small batches). ``skipped``: one line per damaged row that
+    was skipped, reported by the consumer (once each).
     """
 
-    __slots__ = ("data", "shape", "nbytes")
+    __slots__ = ("data", "shape", "nbytes", "skipped")
 
-    def __init__(self, rows: np.ndarray, nbytes: int, as_bytes: bool):
+    def __init__(self, rows: np.ndarray, nbytes: int, as_bytes: bool, skipped: Sequence[str] = ()):
         self.data = rows.tobytes() if as_bytes else rows
-        self.shape, self.nbytes = rows.shape, nbytes
+        self.shape, self.nbytes, self.skipped = rows.shape, nbytes, list(skipped)
+
+
+class _Failure:
+    """A DataError raised in a worker, handed to the consumer to raise as the same one line
+    (DataLoader would re-raise it with the worker's traceback folded into the message)."""
+
+    __slots__ = ("message", "corrupt")
+
+    def __init__(self, error: DataError):
+        self.message, self.corrupt = str(error), isinstance(error, CorruptData)
+
+    def error(self) -> DataError:
+        return (CorruptData if self.corrupt else DataError)(self.message)
 
 
 class _Rounds(IterableDataset):
@@ -132,7 +238,7 @@ class _Rounds(IterableDataset):
         self.seed, self.start, self.count, self.fixed = seed, start, count, fixed
         self.per_chunk = max(1, _GROUP_POSITIONS // micro_batch_size)
 
-    def __iter__(self) -> Iterator[_Chunk]:
+    def __iter__(self) -> Iterator[Union[_Chunk, _Failure]]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         n, b, M, g = self.source.num_rows, self.b, self.b * self.W, self.per_chunk
@@ -143,8 +249,14 @@ class _Rounds(IterableDataset):
                 rows = order.rows_at(pos.ravel() % n, n, self.seed, self.source.split, fixed_epoch=0)
             else:
                 rows = order.rows_at(pos.ravel(), n, self.seed, self.source.split)
-            tokens, nbytes = self.source.read(rows)
-            yield _Chunk(tokens.reshape(ks.size, b, -1), nbytes, as_bytes=info is not None)
+            try:
+                tokens, nbytes, skipped = self.source.read(rows)
+            except DataError as e:
+                if info is None:
+                    raise
+                yield _Failure(e)
+                return
+            yield _Chunk(tokens.reshape(ks.size, b, -1), nbytes, as_bytes=info is not None, skipped=skipped)
 
 
 class TokenLoader:
@@ -167,6 +279,7 @@ class TokenLoader:
         self.manifest, self.rank, self.world_size, self.micro_batch_size = manifest, rank, world_size, micro_batch_size
         self.seed, self.split, self.num_workers, self.prefetch = int(seed), split, num_workers, prefetch
         self.pin_memory = pin_memory
+        manifest.verify_tokenizer()  # a damaged tokenizer.model stops the run here, not at export
         shards = manifest.splits[split].shards
         bad = _check_shards(shards, verify)
         if bad and not skip_corrupt:
@@ -181,7 +294,8 @@ class TokenLoader:
         if not kept:
             raise DataError(f"no usable {split} shard left in {manifest.location}")
         cache = Path(cache_dir) if cache_dir else default_cache_dir(manifest)
-        self._source = _RowSource(kept, split, manifest.row_format, cache, check_crc=verify != "none")
+        self._source = _RowSource(kept, split, manifest.row_format, cache, check_crc=verify != "none",
+                                  skip_corrupt=skip_corrupt)
         self.pad_id = int(manifest.tokenizer.get("pad_id", 0))
         self._position = 0
         self._active: Optional[weakref.ref] = None  # weak: no loader <-> generator cycle
@@ -256,6 +370,10 @@ class TokenLoader:
                 t0 = time.perf_counter()
                 chunk = next(inner)
                 self.wait_time_s += time.perf_counter() - t0
+                if isinstance(chunk, _Failure):
+                    raise chunk.error()
+                for line in chunk.skipped:
+                    storage.warn_once(line)
                 self.bytes_read += chunk.nbytes
                 rows = chunk.data
                 if isinstance(rows, bytes):

@@ -19,6 +19,7 @@ a dataset folder can be moved or served over HTTP as is.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -70,6 +71,7 @@ class Manifest:
     totals: dict[str, Any]
     sources: list[dict[str, Any]]
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
+    _tokenizer_checked: Optional[bytes] = field(repr=False, default=None, init=False, compare=False)
 
     @property
     def is_remote(self) -> bool:
@@ -89,18 +91,31 @@ class Manifest:
         return [s for name in ("train", "val") if name in self.splits for s in self.splits[name].shards]
 
     def tokenizer_bytes(self) -> bytes:
-        """The tokenizer model, from disk or over HTTP, checked against its sha256."""
-        import hashlib
+        """The tokenizer model, from disk or over HTTP, checked against its sha256 (read once)."""
+        if self._tokenizer_checked is None:
+            data = storage.read_bytes(self.tokenizer_location)
+            actual = hashlib.sha256(data).hexdigest()
+            if actual != self.tokenizer_sha256:
+                raise DataError(f"dataset file {self.tokenizer_location} is damaged or was replaced: its sha256 "
+                                f"{actual[:12]}... is not {self.tokenizer_sha256[:12]}... as {self.location} "
+                                "records; re-run `slam-pretrain prepare` (or restore the file)")
+            self._tokenizer_checked = data
+        return self._tokenizer_checked
 
-        data = storage.read_bytes(self.tokenizer_location)
-        if hashlib.sha256(data).hexdigest() != self.tokenizer_sha256:
-            raise DataError(f"tokenizer {self.tokenizer_location}: sha256 differs from the manifest "
-                            f"{self.location} (the folder was rebuilt or damaged); re-run prepare")
-        return data
+    def verify_tokenizer(self) -> None:
+        """DataError naming the file unless the tokenizer matches the manifest's sha256.
+
+        Called when a dataset is opened for training (``check_compatible``, the loader), so a
+        damaged ``tokenizer.model`` stops the run at start-up instead of being copied into every
+        checkpoint and noticed at export.
+        """
+        self.tokenizer_bytes()
 
     def tokenizer_path(self, cache_dir: Optional[Union[str, os.PathLike]] = None) -> Path:
-        """A local path of the tokenizer model (downloaded into ``cache_dir`` for remote manifests)."""
+        """A local path of the tokenizer model (downloaded into ``cache_dir`` for remote manifests),
+        checked against the manifest's sha256."""
         if not self.is_remote:
+            self.verify_tokenizer()
             return Path(self.tokenizer_location)
         folder = Path(cache_dir) if cache_dir else default_cache_dir(self)
         path = folder / f"tokenizer-{self.tokenizer_sha256[:16]}.model"
@@ -149,17 +164,47 @@ def load_manifest(path_or_url: Union[str, os.PathLike]) -> Manifest:
                                 storage.join_location(base, str(x["url"])))
                       for i, x in enumerate(s["shards"])]
             splits[name] = SplitInfo(name, shards, int(s["rows"]), int(s["tokens"]), int(s.get("documents", 0)))
-        return Manifest(location=loc, base=base, dataset_id=str(d["dataset_id"]), version=int(d["version"]),
-                        tokenizer=dict(d["tokenizer"]), vocab_size=int(d["tokenizer"]["vocab_size"]),
-                        seq_len=int(d["seq_len"]), dtype=str(d["dtype"]), row_format=RowFormat.from_dict(d["row"]),
-                        splits=splits, totals=dict(d.get("totals", {})), sources=list(d.get("sources", [])), raw=d)
+        m = Manifest(location=loc, base=base, dataset_id=str(d["dataset_id"]), version=int(d["version"]),
+                     tokenizer=dict(d["tokenizer"]), vocab_size=int(d["tokenizer"]["vocab_size"]),
+                     seq_len=int(d["seq_len"]), dtype=str(d["dtype"]), row_format=RowFormat.from_dict(d["row"]),
+                     splits=splits, totals=dict(d.get("totals", {})), sources=list(d.get("sources", [])), raw=d)
     except (KeyError, TypeError, ValueError) as e:
         raise DataError(f"manifest {loc!r} is incomplete or damaged ({type(e).__name__}: {e}); re-run prepare") from None
+    problem = _inconsistency(m)
+    if problem:
+        raise DataError(f"manifest {loc} is damaged or was edited ({problem}); re-run `slam-pretrain prepare`")
+    return m
+
+
+def compute_dataset_id(tokenizer_sha256: str, seq_len: int, dtype: str, shard_sha256s: list[str]) -> str:
+    """The dataset id ``prepare`` writes: sha256 over the tokenizer, packing and every shard's sha256
+    (train shards, then val), so any change to what a loader would read changes it."""
+    return hashlib.sha256(json.dumps([tokenizer_sha256, seq_len, dtype, shard_sha256s]).encode()).hexdigest()
+
+
+def _inconsistency(m: Manifest) -> Optional[str]:
+    """What in a parsed manifest contradicts the rest of it (None when it is self-consistent)."""
+    for name, sp in m.splits.items():
+        if sum(s.rows for s in sp.shards) != sp.rows:
+            return f"splits.{name}.rows={sp.rows} but its shards hold {sum(s.rows for s in sp.shards)}"
+        for s in sp.shards:
+            if s.bytes != m.row_format.shard_bytes(s.rows):
+                return (f"shard {s.url}: bytes={s.bytes} but {s.rows} rows of this format take "
+                        f"{m.row_format.shard_bytes(s.rows)}")
+    if m.dtype != m.row_format.dtype:
+        return f"dtype={m.dtype!r} but row.dtype={m.row_format.dtype!r}"
+    if m.row_format.row_tokens != m.seq_len + 1:
+        return f"seq_len={m.seq_len} but rows hold {m.row_format.row_tokens} tokens"
+    expected = compute_dataset_id(m.tokenizer_sha256, m.seq_len, m.dtype, [s.sha256 for s in m.shards])
+    if expected != m.dataset_id:
+        return "its dataset_id does not match the tokenizer and shard checksums it lists"
+    return None
 
 
 def check_compatible(manifest: Union[Manifest, str, os.PathLike], vocab_size: int, seq_len: int,
                      tokenizer_sha256: Optional[str] = None) -> Manifest:
-    """Raise DataError unless the dataset fits a model with ``vocab_size`` and ``seq_len``."""
+    """Raise DataError unless the dataset fits a model with ``vocab_size`` and ``seq_len`` and its
+    tokenizer file matches the manifest."""
     m = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
     if m.vocab_size != vocab_size:
         raise DataError(f"dataset {m.location} was tokenized with vocab_size={m.vocab_size} but "
@@ -172,6 +217,7 @@ def check_compatible(manifest: Union[Manifest, str, os.PathLike], vocab_size: in
         raise DataError(f"dataset {m.location} uses tokenizer sha256 {m.tokenizer_sha256[:12]}... but the "
                         f"checkpoint was trained with {tokenizer_sha256[:12]}...: point data.dataset_dir at "
                         "the dataset the run started with")
+    m.verify_tokenizer()
     return m
 
 

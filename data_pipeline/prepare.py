@@ -451,8 +451,8 @@ class _Build:
             splits[name] = {"rows": rows, "tokens": rows * L - pads, "documents": self.split_stats[name].documents,
                             "text_bytes": self.split_stats[name].text_bytes, "shards": w.shards}
         shard_bytes = sum(s["bytes"] for w in writers.values() for s in w.shards)
-        dataset_id = hashlib.sha256(json.dumps(
-            [tok.sha256, L, self.dtype, [s["sha256"] for w in writers.values() for s in w.shards]]).encode()).hexdigest()
+        dataset_id = mf.compute_dataset_id(tok.sha256, L, self.dtype,
+                                           [s["sha256"] for name in ("train", "val") for s in writers[name].shards])
         bad_bytes, bad_docs, culprit = self.decode_errors
         totals = {"documents": sum(s["documents"] for s in splits.values()),
                   "text_bytes": sum(s["text_bytes"] for s in splits.values()),

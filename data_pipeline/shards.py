@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from data_pipeline.errors import DataError
+from data_pipeline.errors import CorruptData, DataError
 
 BLOCK = 512
 TAR_RECORD = 10240  # tar pads archives to a multiple of 20 blocks
@@ -145,29 +145,45 @@ def build_records(rows: np.ndarray, split: str, shard: int, first_row: int, fmt:
     return rec
 
 
+def bad_records(rec: np.ndarray, local_rows: np.ndarray, split: str, shard: int, fmt: RowFormat,
+                check_crc: bool = True) -> list[tuple[int, str]]:
+    """``(index, problem)`` for each record of ``rec`` [k, record_bytes] that is not row
+    ``local_rows[index]`` of this shard or (``check_crc``) fails its CRC-32; [] when all are good."""
+    prefix = member_prefix(split, shard)
+    names = _parse_digits(rec[:, len(prefix):len(prefix) + _NAME_ROW_DIGITS], 10)
+    out = [(int(i), "is not where the manifest says (truncated or corrupted shard)")
+           for i in np.nonzero(names != local_rows)[0]]
+    if check_crc:
+        end = fmt.data_offset + fmt.data_bytes
+        want = _parse_digits(rec[:, _MTIME_OFF:_MTIME_OFF + _MTIME_DIGITS], 8)
+        misplaced = {i for i, _ in out}
+        out += [(i, "fails its CRC-32 check (corrupted shard)") for i in range(rec.shape[0])
+                if i not in misplaced and zlib.crc32(rec[i, BLOCK:end]) != want[i]]
+    return sorted(out)
+
+
+def corrupt_row_error(where: str, row: int, problem: str) -> CorruptData:
+    return CorruptData(f"shard {where}: row {row} {problem}; re-run `slam-pretrain prepare`, or set "
+                       "data.skip_corrupt_shards=true to skip damaged rows and shards")
+
+
 def decode_records(rec: np.ndarray, local_rows: np.ndarray, split: str, shard: int, fmt: RowFormat,
                    where: str, check_crc: bool = True) -> np.ndarray:
     """Token rows [k, row_tokens] (a view into ``rec``) from records [k, record_bytes], checking
     names and CRC-32.
 
-    ``where`` names the shard in the DataError raised for a record that is not what it should be.
+    ``where`` names the shard in the CorruptData raised for a record that is not what it should be.
     """
-    prefix = member_prefix(split, shard)
-    names = _parse_digits(rec[:, len(prefix):len(prefix) + _NAME_ROW_DIGITS], 10)
-    bad = np.nonzero(names != local_rows)[0]
-    if bad.size:
-        raise DataError(f"shard {where}: row {int(local_rows[bad[0]])} is not where the manifest says "
-                        "(truncated or corrupted shard); re-run `slam-pretrain prepare`, or set "
-                        "data.verify_shards=full and data.skip_corrupt_shards=true to skip such shards")
-    end = fmt.data_offset + fmt.data_bytes
-    if check_crc:
-        want = _parse_digits(rec[:, _MTIME_OFF:_MTIME_OFF + _MTIME_DIGITS], 8)
-        for i in range(rec.shape[0]):
-            if zlib.crc32(rec[i, BLOCK:end]) != want[i]:
-                raise DataError(f"shard {where}: row {int(local_rows[i])} fails its CRC-32 check (corrupted "
-                                "shard); re-run `slam-pretrain prepare`, or set data.verify_shards=full and "
-                                "data.skip_corrupt_shards=true to skip corrupted shards")
-    return rec[:, fmt.data_offset:end].view(fmt.np_dtype)
+    bad = bad_records(rec, local_rows, split, shard, fmt, check_crc)
+    if bad:
+        i, problem = bad[0]
+        raise corrupt_row_error(where, int(local_rows[i]), problem)
+    return tokens_of(rec, fmt)
+
+
+def tokens_of(rec: np.ndarray, fmt: RowFormat) -> np.ndarray:
+    """The token rows [k, row_tokens] inside records [k, record_bytes] (a view, no checks)."""
+    return rec[:, fmt.data_offset:fmt.data_offset + fmt.data_bytes].view(fmt.np_dtype)
 
 
 class ShardWriter:

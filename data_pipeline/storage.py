@@ -22,7 +22,7 @@ from urllib.parse import urljoin
 
 import numpy as np
 
-from data_pipeline.errors import DataError
+from data_pipeline.errors import CorruptData, DataError
 
 _RETRIES = 4
 _TIMEOUT = (10, 120)  # connect, read seconds
@@ -156,9 +156,9 @@ class ShardFile:
                 with open(path, "rb") as f:
                     mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             except (OSError, ValueError) as e:
-                raise DataError(f"shard {path}: cannot be read ({e}); re-run `slam-pretrain prepare`") from None
+                raise CorruptData(f"shard {path}: cannot be read ({e}); re-run `slam-pretrain prepare`") from None
             if len(mm) < need:
-                raise DataError(f"shard {path} is truncated ({len(mm)} bytes, {self.rows} rows need {need}); "
+                raise CorruptData(f"shard {path} is truncated ({len(mm)} bytes, {self.rows} rows need {need}); "
                                 "re-run `slam-pretrain prepare`")
             arr = np.frombuffer(mm, dtype=np.uint8, count=need)
             self._mm, self._mm_pid = arr.reshape(self.rows, self.record_bytes), os.getpid()
@@ -179,11 +179,14 @@ class ShardFile:
             r.close()
             return None
         if r.status_code == 404:
-            raise DataError(f"shard {self.location}: HTTP 404 (missing); re-run `slam-pretrain prepare`")
+            raise CorruptData(f"shard {self.location}: HTTP 404 (missing); re-run `slam-pretrain prepare`")
         body = r.content
-        if r.status_code != 206 or len(body) != hi - lo + 1:
-            raise DataError(f"shard {self.location}: range {lo}-{hi} gave HTTP {r.status_code} with "
-                            f"{len(body)} bytes (truncated shard?)")
+        if r.status_code == 416 or (r.status_code == 206 and len(body) != hi - lo + 1):
+            raise CorruptData(f"shard {self.location}: range {lo}-{hi} gave HTTP {r.status_code} with "
+                              f"{len(body)} bytes (truncated shard?)")
+        if r.status_code != 206:
+            raise DataError(f"shard {self.location}: range {lo}-{hi} gave HTTP {r.status_code} "
+                            "(expected 206 Partial Content)")
         return body
 
     def read(self, rows: np.ndarray) -> tuple[np.ndarray, int]:
@@ -215,7 +218,7 @@ class ShardFile:
                 f.write(chunk)
         if h.hexdigest() != self.sha256:
             tmp.unlink(missing_ok=True)
-            raise DataError(f"shard {self.location}: sha256 mismatch after download (corrupted shard); "
+            raise CorruptData(f"shard {self.location}: sha256 mismatch after download (corrupted shard); "
                             "re-run `slam-pretrain prepare` or set data.skip_corrupt_shards=true")
         os.replace(tmp, path)
         return path

@@ -274,3 +274,94 @@ def test_bad_arguments_are_one_line_errors(tiny, tmp_path):
         build_loader(tiny, rank=0, world_size=1, micro_batch_size=4, seed=SEED, split="test")
     with pytest.raises(DataError, match="not found"):
         build_loader(tmp_path / "nothing" / "manifest.json", rank=0, world_size=1, micro_batch_size=4, seed=SEED)
+
+
+def _damage_row(manifest: Path, shard: int, row: int) -> bytes:
+    """Flip bytes inside one row's tokens (same file size); returns the intact row that follows it."""
+    m = load_manifest(manifest)
+    victim = m.splits["train"].shards[shard]
+    rows = [s["tokens.npy"] for s in wds.WebDataset(victim.location, shardshuffle=False).decode()]
+    with open(victim.location, "r+b") as f:
+        f.seek(m.row_format.record_bytes * row + m.row_format.data_offset + 10)
+        f.write(b"\xff\xfe\xfd\xfc")
+    return rows[row + 1].astype(np.int64).tobytes()
+
+
+def test_damaged_row_mid_run_is_named_in_one_line_from_workers_too(tiny, tmp_path):
+    """Issue 10.7: a row failing its CRC while training (verify_shards=size) is one line naming
+    the shard and row, also when a DataLoader worker met it (not the worker's traceback)."""
+    manifest = _copy(tiny, tmp_path / "ds")
+    _damage_row(manifest, 2, 5)
+    for workers in (0, 1):
+        ld = build_loader(manifest, rank=0, world_size=1, micro_batch_size=8, seed=SEED, num_workers=workers)
+        with pytest.raises(DataError) as e:
+            for _ in ld:
+                pass
+        msg = str(e.value)
+        assert "train-000002.tar: row 5 fails its CRC-32 check" in msg and "skip_corrupt_shards=true" in msg, msg
+        assert "\n" not in msg and "Traceback" not in msg and "worker" not in msg, msg
+
+
+def test_damaged_row_mid_run_is_skipped_alike_on_every_rank_and_resume(tiny, tmp_path, capfd):
+    """Issue 10.7: with skip_corrupt_shards the run goes on; the damaged row's place is taken by
+    the next intact row, decided by the data alone: the same with 1 or 2 ranks, any number of
+    workers, and across a resume (the loader state stays one number)."""
+    manifest = _copy(tiny, tmp_path / "ds")
+    replacement = _damage_row(manifest, 2, 5)
+    clean = global_sequence(ranks(tiny, 2, 4))
+    capfd.readouterr()
+    two = global_sequence(ranks(manifest, 2, 4, num_workers=1, skip_corrupt=True))
+    err = capfd.readouterr().err
+    changed = [i for i, (a, b) in enumerate(zip(clean, two)) if a != b]
+    assert len(two) == len(clean) and len(changed) == 1  # only the damaged row's place differs
+    assert two[changed[0]] == replacement
+    assert err.count("train-000002.tar: row 5 fails its CRC-32 check (corrupted shard); skipped") == 1, err
+    assert "row 6 of train-000002.tar is read in its place" in err
+
+    one = global_sequence(ranks(manifest, 1, 8, num_workers=2, skip_corrupt=True))
+    assert one == two  # same decision with another world size and worker count
+    first = build_loader(manifest, rank=0, world_size=1, micro_batch_size=8, seed=SEED, num_workers=1,
+                         skip_corrupt=True)
+    it = iter(first)
+    head = [k for _ in range(len(first) // 2) for k in row_keys(next(it))]
+    state = first.state_dict()
+    again = build_loader(manifest, rank=0, world_size=1, micro_batch_size=8, seed=SEED, num_workers=1,
+                         skip_corrupt=True)
+    again.load_state_dict(state)
+    tail = [k for b in again for k in row_keys(b)]
+    assert head + tail == one  # resume: exactly the uninterrupted sequence
+
+
+def test_damaged_tokenizer_or_edited_manifest_is_named_at_start(tiny, tmp_path):
+    """Issue 10.2: a damaged tokenizer.model is a one-line error naming it when the dataset is
+    opened for training (not after training, when the final export reads a checkpoint's copy);
+    a manifest whose own entries contradict each other is one too."""
+    from data_pipeline import check_compatible
+
+    manifest = _copy(tiny, tmp_path / "ds")
+    tok = manifest.parent / "tokenizer.model"
+    data = bytearray(tok.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    tok.write_bytes(bytes(data))
+    for opener in (lambda: build_loader(manifest, rank=0, world_size=1, micro_batch_size=4, seed=SEED),
+                   lambda: check_compatible(manifest, 2048, 128),
+                   lambda: load_manifest(manifest).tokenizer_path()):
+        with pytest.raises(DataError) as e:
+            opener()
+        msg = str(e.value)
+        assert f"dataset file {tok} is damaged or was replaced" in msg and str(manifest) in msg, msg
+        assert "\n" not in msg
+
+    import json
+
+    edited = _copy(tiny, tmp_path / "ds2")
+    d = json.loads(edited.read_text())
+    d["splits"]["train"]["shards"][1]["sha256"] = "0" * 64
+    edited.write_text(json.dumps(d))
+    with pytest.raises(DataError, match=r"manifest .*ds2/manifest.json is damaged or was edited \(its dataset_id"):
+        load_manifest(edited)
+    d = json.loads((tiny).read_text())
+    d["splits"]["train"]["rows"] += 1
+    edited.write_text(json.dumps(d))
+    with pytest.raises(DataError, match=r"is damaged or was edited \(splits.train.rows="):
+        load_manifest(edited)
