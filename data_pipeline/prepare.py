@@ -3,7 +3,8 @@
 Steps (each with a progress bar on a terminal, periodic lines otherwise):
 1. scan: read every source once (sizes, document counts, undecodable bytes; ``max_corpus_mb``).
 2. plan: seeded per-document decisions (mixing copies, validation hold-out) and the tokenizer
-   training sample (a seeded ~``tokenizer_sample_mb`` of training documents, cut into lines).
+   training sample (a seeded ~``tokenizer_sample_mb`` of training documents, large documents
+   sampled chunk by chunk, cut into lines).
 3. tokenizer: SentencePiece (BPE or unigram, byte fallback, lossless), ``tokenizer.model``.
 4. encode + write: documents are encoded in parallel (``encode_procs`` processes x
    ``encode_threads`` sentencepiece threads), EOS appended per document, packed into rows of
@@ -47,7 +48,8 @@ from data_pipeline.progress import Reporter
 from data_pipeline.shards import RowFormat, ShardWriter, dtype_for_vocab
 from data_pipeline.sources import DecodeStats, copies_for, mixing_rates, resolve_sources, unit_hash
 from data_pipeline.storage import is_url
-from data_pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, train_sentencepiece, training_lines
+from data_pipeline.tokenizer import (BOS_ID, EOS_ID, MAX_TRAIN_CHARS, PAD_ID, UNK_ID, Tokenizer, train_sentencepiece,
+                                     training_lines)
 
 MB = 1e6  # sizes in the config and the summary are decimal megabytes
 TOKENIZER_NAME = "tokenizer.model"
@@ -279,12 +281,21 @@ class _Build:
                     yield "train", copies, text, s.index, j
 
     def _plan(self) -> list[str]:
-        """Count what each split will get and collect the tokenizer sample (lines)."""
+        """Count what each split will get and collect the tokenizer sample (lines).
+
+        Each training document is in the sample with probability q x its source's rate (q =
+        sample size / corpus size). A document longer than ``chunk`` (1/16 of the sample) is
+        sampled chunk by chunk instead, each chunk with that probability: one huge document (a
+        60 MB single line) then gives about its share, not all or nothing, so a sample is never
+        empty for a corpus that has text.
+        """
         self.split_stats = {"train": _SplitStats(), "val": _SplitStats()}
         total = sum(st.text_bytes for st in self.source_stats)
         q = self.cfg.tokenizer_sample_mb * MB / max(1, total)
+        chunk = int(max(MAX_TRAIN_CHARS, self.cfg.tokenizer_sample_mb * MB / 16))
         sample: list[str] = []
         sampled = 0
+        first = ""  # the first training text: the sample if the draw leaves it empty
         with self.rep.bar("plan + tokenizer sample", total=total) as bar:
             for split, copies, text, src, j in self._decisions():
                 nb = len(text.encode("utf-8"))
@@ -295,12 +306,25 @@ class _Build:
                 ss.written_documents += copies
                 ss.written_bytes += nb * copies
                 bar.update(nb)
+                if split != "train":
+                    continue
+                first = first or text[:chunk]
                 # Sample rate follows the mix (a 2x source is twice as likely), each document once.
-                if split == "train" and unit_hash(self.cfg.seed, "tok", src, j) < q * self.rates[src]:
-                    sample.append(text)
-                    sampled += nb
+                p = q * self.rates[src]
+                if len(text) <= chunk:
+                    if unit_hash(self.cfg.seed, "tok", src, j) < p:
+                        sample.append(text)
+                        sampled += nb
+                    continue
+                for k in range(0, len(text), chunk):
+                    if unit_hash(self.cfg.seed, f"tok-chunk-{k // chunk}", src, j) < p:
+                        piece = text[k:k + chunk]
+                        sample.append(piece)
+                        sampled += len(piece.encode("utf-8"))
         if not self.split_stats["train"].documents:
             raise DataError("data.sources hold no training text after mixing and the validation hold-out")
+        if not sample:
+            sample, sampled = [first], len(first.encode("utf-8"))
         self.rep.log(f"tokenizer sample: {sampled / MB:.2f} MB from {len(sample)} documents")
         return list(training_lines(sample))
 

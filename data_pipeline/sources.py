@@ -13,7 +13,9 @@ repeated (whole passes plus a seeded random part of its documents); a smaller sh
 seeded random subset of documents. Which documents are kept, repeated or held out for
 validation depends only on (seed, source index, document index): reproducible, no ``hash()``.
 
-Undecodable bytes never stop a build: they become U+FFFD and are counted in the summary.
+Undecodable bytes never stop a build: they become U+FFFD and are counted in the summary. A
+``.txt`` file that is not text at all (mostly NUL or non-UTF-8 bytes: a binary file with a text
+name) is an error naming it.
 """
 
 from __future__ import annotations
@@ -65,6 +67,27 @@ def decode_text(raw: bytes, culprit: str) -> str:
         return raw.decode("utf-8", errors="slam_count_replace")
 
 
+NOT_TEXT_FRACTION = 0.05  # NUL or undecodable bytes beyond this share: binary, not text with a few bad bytes
+
+
+def not_text(raw: bytes, probe: int = 1 << 20) -> Optional[str]:
+    """Why ``raw`` is not UTF-8 text (None when it is, or is text with a few bad bytes).
+
+    Looks at the first ``probe`` bytes: NUL bytes (never in text; UTF-16 has one every other
+    byte) and bytes that are not UTF-8 together above NOT_TEXT_FRACTION mean a binary file (an
+    image, an archive, a PDF) given a .txt name; a few bad bytes are replaced and counted instead.
+    """
+    head = raw[:probe]
+    if not head:
+        return None
+    nul = head.count(0)
+    undecodable = len(head) - len(head.decode("utf-8", errors="ignore").encode("utf-8"))
+    if nul + undecodable <= NOT_TEXT_FRACTION * len(head):
+        return None
+    return (f"{100 * (nul + undecodable) / len(head):.0f}% of its first {len(head):,} bytes are NUL or not "
+            "UTF-8: a binary file")
+
+
 @dataclass
 class Source:
     """One resolved entry of ``data.sources``."""
@@ -112,7 +135,12 @@ class Source:
         for p in self.files:
             name = p.name
             if name.endswith(".txt"):
-                text = decode_text(p.read_bytes(), str(p))
+                raw = p.read_bytes()
+                why = not_text(raw)
+                if why:
+                    raise DataError(f"{self.key}: {p} is not text ({why}): .txt sources must be UTF-8 text; "
+                                    "remove the file from the source or convert it")
+                text = decode_text(raw, str(p))
                 if text:
                     yield text
             else:

@@ -108,3 +108,41 @@ def test_mixing_weights_set_shares_and_are_reproducible(tmp_path):
     assert m2.dataset_id == m1.dataset_id  # same inputs and seed: byte-identical shards
     m3 = load_manifest(build(tmp_path, "mix3", sources, seed=12))
     assert m3.dataset_id != m1.dataset_id
+
+
+def test_a_binary_file_named_txt_is_named_as_not_text(tmp_path):
+    """Issue 10.9: random bytes given as .txt used to end in "lower model.vocab_size" (or a
+    tokenizer trained on U+FFFD); it is one line naming the file, and nothing is written."""
+    d = tmp_path / "corpus"
+    write_text_corpus(d, n_docs=20, words=pseudo_words(1))
+    (d / "photo.txt").write_bytes(random.Random(0).randbytes(300_000))
+    with pytest.raises(DataError) as e:
+        build(tmp_path, "ds", [{"path": str(d)}])
+    msg = str(e.value)
+    assert "data.sources[0]" in msg and "photo.txt is not text" in msg and "binary" in msg, msg
+    assert "\n" not in msg and "vocab_size" not in msg
+    assert not (tmp_path / "ds" / "manifest.json").exists()
+    with pytest.raises(DataError, match=r"photo\.txt is not text"):  # alone: was "lower model.vocab_size"
+        build(tmp_path, "ds1", [{"path": str(d / "photo.txt")}])
+    utf16 = tmp_path / "utf16"
+    utf16.mkdir()
+    (utf16 / "notes.txt").write_bytes(" ".join(pseudo_words(2)).encode("utf-16-le"))
+    with pytest.raises(DataError, match=r"notes\.txt is not text"):
+        build(tmp_path, "ds2", [{"path": str(utf16)}])
+
+
+def test_one_huge_single_line_document_is_sampled_in_chunks(tmp_path):
+    """Issue 10.8, scaled down: one 2 MB single-line document and a 0.05 MB tokenizer sample (the
+    60 MB line vs 8 MB of the report). Drawn whole, it made the sample empty with probability
+    1 - 0.05/2 ("the corpus has no text"); sampled in chunks it gives about the sample size."""
+    rng = random.Random(3)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
+             for _ in range(5000)]
+    big = tmp_path / "one_line.txt"
+    text = " ".join(rng.choice(words) for _ in range(330_000))
+    big.write_text(text)
+    assert "\n" not in text and 1.9e6 < len(text) < 2.5e6
+    manifest = build(tmp_path, "ds", [{"path": str(big)}], tokenizer_sample_mb=0.05, val_fraction=0.01)
+    m = load_manifest(manifest)
+    assert m.vocab_size == VOCAB and m.splits["train"].rows > 0
+    assert m.totals["documents"] == 1
