@@ -49,10 +49,13 @@ CRC-32 are checked; a damaged row (or a shard that became unreadable) is a Corru
 shard and row, or, with ``skip_corrupt=True``, replaced by the next intact row of the split and
 reported once (see ``_RowSource``): a function of the data only, so every rank, worker count and
 resume decides alike. Errors met in worker processes reach the consumer as the same one line.
+
+*Workers die with the trainer:* ``die_with_parent`` (PR_SET_PDEATHSIG) in each worker.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 import weakref
@@ -66,6 +69,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline import order, storage
 from data_pipeline.errors import CorruptData, DataError
+from data_pipeline.lifecycle import die_with_parent
 from data_pipeline.manifest import Manifest, ShardInfo, default_cache_dir, load_manifest
 from data_pipeline.shards import RowFormat, bad_records, corrupt_row_error, tokens_of
 
@@ -361,8 +365,10 @@ class TokenLoader:
         if self.num_workers == 0:
             inner: Iterator = iter(ds)
         else:
+            # Workers die with this process (a SIGKILLed trainer must not leave them blocked on its queue).
             dl = DataLoader(ds, batch_size=None, num_workers=min(self.num_workers, chunks) or 1,
-                            prefetch_factor=self.prefetch, persistent_workers=False)
+                            prefetch_factor=self.prefetch, persistent_workers=False,
+                            worker_init_fn=functools.partial(die_with_parent, os.getpid()))
             inner = iter(dl)
         dtype = self.manifest.row_format.np_dtype
         try:

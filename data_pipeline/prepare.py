@@ -44,6 +44,7 @@ import numpy as np
 from data_pipeline import manifest as mf
 from data_pipeline.config import DataConfig, DataConfigError
 from data_pipeline.errors import DataError
+from data_pipeline.lifecycle import die_with_parent
 from data_pipeline.progress import Reporter
 from data_pipeline.shards import RowFormat, ShardWriter, dtype_for_vocab
 from data_pipeline.sources import DecodeStats, copies_for, mixing_rates, resolve_sources, unit_hash
@@ -99,8 +100,10 @@ def auto_parallelism(procs: Optional[int], threads: Optional[int]) -> tuple[int,
 _worker_tok: Optional[Tokenizer] = None
 
 
-def _init_worker(model_bytes: bytes) -> None:
+def _init_worker(model_bytes: bytes, parent_pid: Optional[int] = None) -> None:
     global _worker_tok
+    if parent_pid is not None:
+        die_with_parent(parent_pid)  # a killed `prepare` leaves no encoder behind
     _worker_tok = Tokenizer(model_bytes=model_bytes)
 
 
@@ -379,7 +382,7 @@ class _Build:
             # sentencepiece and numpy.
             method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
             executor = ProcessPoolExecutor(self.procs, mp_context=mp.get_context(method),
-                                           initializer=_init_worker, initargs=(tok.model_bytes,))
+                                           initializer=_init_worker, initargs=(tok.model_bytes, os.getpid()))
         depth = 2 * self.procs
         inflight: deque = deque()
 
