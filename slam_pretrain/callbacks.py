@@ -19,7 +19,7 @@ class LogCallback(Callback):
 
     def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
         self.console.write(record)
-        self.jsonl.write({k: v for k, v in record.items() if k != "max_steps"})
+        self.jsonl.write({k: v for k, v in record.items() if k not in ("max_steps", "mfu_peak_measured")})
 
     def on_stop(self, trainer: Trainer, status: str) -> None:
         self.console.close()

@@ -3,8 +3,11 @@
 MFU = achieved model FLOPs / peak FLOPs, where model FLOPs per token come from
 ``slam_pretrain.model.flops_per_token`` (forward + backward, first principles) and the peak comes
 from the table below (dense tensor-core numbers from vendor data sheets), or, on a CPU, from a
-matmul measured on this machine at start-up (CPUs have no single data-sheet peak worth quoting).
-``train.peak_flops`` overrides both.
+matmul measured on this machine at start-up (CPUs have no single data-sheet peak worth quoting):
+the best of several timed runs, so one run slowed by a busy machine does not set it.
+``train.peak_flops`` overrides both. A measured peak is only an estimate (the machine may have
+been busier while it was measured than while training), so MFU against it is shown as ``~x%``,
+and a figure above 100% is never reported (``mfu`` returns None: the peak was underestimated).
 """
 
 from __future__ import annotations
@@ -32,8 +35,12 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def measure_matmul_flops(device: torch.device, precision: str = "fp32", n: int = 1024,
-                         seconds: float = 0.3) -> float:
-    """FLOP/s of an n x n x n matmul on ``device``: the measured peak for CPUs and unknown GPUs."""
+                         seconds: float = 0.3, runs: int = 5) -> float:
+    """FLOP/s of an n x n x n matmul on ``device``: the measured peak for CPUs and unknown GPUs.
+
+    The best of ``runs`` timed runs of ``seconds / runs`` each: a run slowed by another process
+    (a shared CPU) would understate the peak and inflate every MFU figure after it.
+    """
     dtype = _DTYPES[precision]
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -41,15 +48,30 @@ def measure_matmul_flops(device: torch.device, precision: str = "fp32", n: int =
         a @ b
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
-    iters, t0 = 0, time.perf_counter()
-    while True:
-        a @ b
-        iters += 1
-        if iters % 4 == 0:
-            sync()
-            if time.perf_counter() - t0 >= seconds:
-                break
-    return 2.0 * n**3 * iters / (time.perf_counter() - t0)
+    best = 0.0
+    for _ in range(max(1, runs)):
+        iters, t0 = 0, time.perf_counter()
+        while True:
+            a @ b
+            iters += 1
+            if iters % 2 == 0:
+                sync()
+                if time.perf_counter() - t0 >= seconds / max(1, runs):
+                    break
+        best = max(best, 2.0 * n**3 * iters / (time.perf_counter() - t0))
+    return best
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float, world_size: int = 1) -> Optional[float]:
+    """Model FLOPs utilization in [0, 1], or None when the figure cannot be supported.
+
+    Above 1 the peak was underestimated (a measured CPU peak taken while the machine was busy) or
+    is wrong: no such figure is reported. ``peak_flops`` is per device.
+    """
+    if not peak_flops or peak_flops <= 0 or world_size < 1:
+        return None
+    value = tokens_per_s * flops_per_token / (peak_flops * world_size)
+    return value if 0.0 <= value <= 1.0 else None
 
 
 def peak_flops(device: torch.device, precision: str, override: Optional[float] = None) -> tuple[float, str]:
@@ -124,7 +146,8 @@ def format_record(record: dict[str, Any]) -> str:
     parts.append(f"gnorm {record['grad_norm']:.3f}")
     parts.append(f"tok/s {record['tokens_per_s']:,.0f}")
     if record.get("mfu") is not None:
-        parts.append(f"mfu {100 * record['mfu']:.2f}%")
+        approx = "~" if record.get("mfu_peak_measured") else ""  # against a measured peak: an estimate
+        parts.append(f"mfu {approx}{100 * record['mfu']:.2f}%")
     parts.append(f"step {1000 * record['step_time_s']:.0f}ms")
     parts.append(f"data {1000 * record['data_wait_s']:.1f}ms")
     parts.append(f"mem {record['mem_gb']:.2f}GB")

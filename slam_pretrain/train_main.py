@@ -170,7 +170,8 @@ def run_training(cfg: Config, resume: str = "auto") -> int:
         flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len), peak_flops=peak,
         world_size=world, device=dist_info.device, log_interval=t.log_interval,
         eval_interval=t.eval_interval, max_bad_steps=t.max_bad_steps, callbacks=callbacks, state=state,
-        memory_fn=lambda: memory_gb(dist_info.device), stop_flag=stop_flag)
+        memory_fn=lambda: memory_gb(dist_info.device), stop_flag=stop_flag,
+        peak_measured=peak_src.startswith("measured"))
     if main:
         print(f"MFU peak: {peak / 1e12:.2f} TFLOP/s per device ({peak_src})", flush=True)
     status = trainer.fit()

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
 import torch
 
 from slam_pretrain.distributed import all_reduce_any, all_reduce_mean
+from slam_pretrain.metrics import mfu
 
 
 @dataclass
@@ -106,11 +107,13 @@ class Trainer:
         state: Optional[TrainerState] = None,
         memory_fn: Callable[[], float] = lambda: float("nan"),
         stop_flag: Optional[StopFlag] = None,
+        peak_measured: bool = False,  # peak_flops was measured here (an estimate): MFU shown as ~x%
     ):
         self.engine, self.loader, self.val_batches = engine, loader, val_batches
         self.lr_at, self.max_steps, self.grad_accum = lr_at, max_steps, grad_accum
         self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
         self.peak_flops, self.world_size, self.device = peak_flops, world_size, device
+        self.peak_measured = peak_measured
         self.log_interval, self.eval_interval, self.max_bad_steps = log_interval, eval_interval, max_bad_steps
         self.callbacks, self.memory_fn = callbacks, memory_fn
         self.state = state or TrainerState()
@@ -181,12 +184,14 @@ class Trainer:
             "grad_norm": out["grad_norm"],
             "tokens": self.state.tokens,
             "tokens_per_s": tokens_per_s,
-            "mfu": tokens_per_s * self.flops_per_token / (self.peak_flops * self.world_size),
+            "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak_flops, self.world_size),  # None above 100%
             "step_time_s": w["time"] / w["steps"],
             "data_wait_s": w["wait"] / w["steps"],
             "mem_gb": self.memory_fn(),
             "skipped_steps": self.state.bad_total,
         }
+        if self.peak_measured:
+            record["mfu_peak_measured"] = True  # for the console only
         self._window = {k: 0 for k in w}
         return record
 
