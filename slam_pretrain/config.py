@@ -20,6 +20,7 @@ import yaml
 
 from data_pipeline.config import DataConfig, DataConfigError
 from slam_pretrain.errors import ConfigError
+from slam_pretrain.redact import redact
 from slam_pretrain.model import ModelConfig
 
 
@@ -155,12 +156,13 @@ class Config:
         return dataclasses.asdict(self)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        """The config as YAML for files and logs: credentials in URIs masked (slam_pretrain.redact)."""
+        return yaml.safe_dump(redact(self.to_dict()), sort_keys=False)
 
     def flat(self) -> dict[str, Any]:
-        """The config as ``{"section.key": value}`` (MLflow params)."""
+        """The config as ``{"section.key": value}`` (MLflow params), credentials in URIs masked."""
         out: dict[str, Any] = {}
-        for section, values in self.to_dict().items():
+        for section, values in redact(self.to_dict()).items():
             for k, v in values.items():
                 out[f"{section}.{k}"] = v
         return out

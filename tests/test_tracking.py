@@ -183,3 +183,24 @@ def test_uri_resolution_and_overflow(tmp_path: Path, monkeypatch, capfd) -> None
     assert err.count("buffer full") == 1 and err.count("is unreachable") == 1, err
     assert "are lost" in err
     NullTracker().log_metrics({"x": 1.0}, step=0)  # the other ranks' tracker: a no-op
+
+
+def test_redaction_of_uris_configs_and_messages() -> None:
+    from slam_pretrain.redact import redact, redact_text, redact_uri
+
+    assert redact_uri("http://user:pw@host:5000/x?token=abc&page=2") == "http://***@host:5000/x?token=***&page=2"
+    assert redact_uri("https://ghp_TOKEN@host") == "https://***@host"
+    signed = "https://b.s3.amazonaws.com/d/?X-Amz-Signature=abc&X-Amz-Credential=k1&X-Amz-Date=2026"
+    assert redact_uri(signed) == "https://b.s3.amazonaws.com/d/?X-Amz-Signature=***&X-Amz-Credential=***&X-Amz-Date=2026"
+    for name in ("key", "secret", "password", "sig", "access_token", "api_key", "client_secret"):
+        assert redact_uri(f"https://h/p?{name}=s3cr3t&n=1") == f"https://h/p?{name}=***&n=1"
+    for plain in ("sqlite:////abs/mlflow.db", "http://127.0.0.1:5000", "data/stdlib", "https://h/d?page=2"):
+        assert redact_uri(plain) == plain
+    assert redact_text("API request to http://u:s3cr3t@h:1/api failed") == "API request to http://***@h:1/api failed"
+    cfg = Config()
+    cfg.tracking.uri = "http://u:s3cr3t@h:5000"
+    cfg.data.dataset_dir = "https://h/ds/?token=s3cr3t"
+    assert "s3cr3t" not in cfg.to_yaml() and "s3cr3t" not in str(run_params(cfg))
+    assert run_params(cfg)["tracking.uri"] == "http://***@h:5000"
+    assert cfg.tracking.uri == "http://u:s3cr3t@h:5000"  # the value used to connect is unchanged
+    assert redact({"a": ["http://u:p@h", 1]}) == {"a": ["http://***@h", 1]}
