@@ -15,8 +15,10 @@ How it behaves (the trainer relies on all of this):
   exact duplicates (key, step, timestamp, value).
 - ``flush(timeout)`` (before checkpoints) waits for the queue to drain; during an outage it
   retries once and returns False at once instead of stalling every checkpoint for ``timeout``.
-  ``finish(status, timeout)`` (at exit) keeps retrying for the whole ``timeout``, then reports
-  what could not be sent.
+  ``finish(status, timeout)`` (at exit) keeps retrying for the whole ``timeout`` when the server
+  answered earlier in the run (an outage it may recover from); when it never answered, one last
+  try (at most ``UNREACHABLE_EXIT_WAIT_S``) and no stall. Either way one line reports how many
+  metric values and other operations were not sent.
 - The queue holds at most ``max_buffered`` metric values (default 200,000, a few tens of MB);
   beyond that new values are dropped with one warning (``metrics.jsonl`` still has them).
 - Startup against an unreachable server does not stop training: ``start`` waits only for the
@@ -33,6 +35,12 @@ How it behaves (the trainer relies on all of this):
   ``MLFLOW_HTTP_REQUEST_TIMEOUT=30`` unless the user set them): this thread is the single retry
   policy, so a failing call returns in seconds instead of after MLflow's ~4 minute backoff.
 - MLflow's and alembic's INFO logging is silenced so it stays out of the training log.
+- Credentials in the URI (``http://user:password@host``, ``?token=...``) never reach a log line:
+  every warning goes through ``slam_pretrain.redact`` (params and config files are redacted by
+  ``Config.flat`` / ``Config.to_yaml``).
+- ``<run.out_dir>/mlflow_run.json`` names the run the out_dir last logged to. A job killed before
+  its first checkpoint leaves its run RUNNING and no checkpoint naming it: the next start in the
+  same out_dir marks that run KILLED (unless it is the run being continued).
 
 URI: ``tracking.uri`` from the config, else ``$MLFLOW_TRACKING_URI``, else
 ``sqlite:///<abs run.out_dir>/mlflow.db``. With a SQLite store, new experiments put their
@@ -57,6 +65,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
+from slam_pretrain.redact import redact_text, redact_uri
+
 if TYPE_CHECKING:  # mlflow is imported lazily: ranks > 0 never pay its ~2 s import
     from slam_pretrain.config import Config
 
@@ -66,12 +76,16 @@ MAX_PARAM_VAL_LENGTH = 6000
 MAX_TAG_VAL_LENGTH = 8000
 MAX_KEY_LENGTH = 250
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
+# finish() against a server that never answered during the whole run: one last try, bounded by
+# this, instead of the full exit timeout (nothing suggests it is about to come back).
+UNREACHABLE_EXIT_WAIT_S = 5.0
+RUN_STATE_FILE = "mlflow_run.json"  # in run.out_dir: the run this out_dir logs to (see _close_orphan)
 _KEY_RE = re.compile(r"^[/\w.\- :]+$")  # what MLflow accepts in metric/param/tag keys (POSIX)
 
 
 def _warn(msg: str) -> None:
-    """One line on stderr (the tracker never raises into training)."""
-    print(f"tracking: {msg}", file=sys.stderr, flush=True)
+    """One line on stderr (the tracker never raises into training); credentials in URLs masked."""
+    print(f"tracking: {redact_text(msg)}", file=sys.stderr, flush=True)
 
 
 def _first_line(e: BaseException, limit: int = 200) -> str:
@@ -120,6 +134,7 @@ def sqlite_path(uri: str) -> Optional[Path]:
 
 def ui_command(uri: str) -> str:
     """The command that shows this store's runs in a browser."""
+    uri = redact_uri(uri)
     if uri.startswith(("http://", "https://")):
         return f"open {uri} in a browser"
     return f"mlflow ui --backend-store-uri {uri}"
@@ -225,6 +240,7 @@ class _Op:
 @dataclass
 class _Stats:
     sent_metrics: int = 0
+    failed_sends: int = 0  # attempts that failed for a transient reason (outage)
     dropped_metrics: int = 0  # buffer overflow
     rejected_metrics: int = 0  # invalid key/value, or refused by the server
     warned: set = field(default_factory=set)
@@ -237,8 +253,10 @@ class MLflowTracker(Tracker):
     """Rank 0's tracker: a queue and one sender thread around ``MlflowClient`` (see module doc)."""
 
     def __init__(self, uri: str, experiment: str = "slam-pretrain", run_name: Optional[str] = None,
-                 *, max_buffered: int = 200_000, retry_min_s: float = 1.0, retry_max_s: float = 30.0) -> None:
+                 *, max_buffered: int = 200_000, retry_min_s: float = 1.0, retry_max_s: float = 30.0,
+                 state_file: Union[str, os.PathLike, None] = None) -> None:
         self.uri = uri
+        self.state_file = Path(state_file) if state_file is not None else None
         self.experiment = experiment
         self.run_name = run_name
         self.run_id: Optional[str] = None
@@ -257,6 +275,7 @@ class MLflowTracker(Tracker):
         self._resume = False
         self._client: Any = None
         self._outage_since: Optional[float] = None
+        self._reached = False  # some operation has succeeded (the server answered at least once)
         self._overflowing = False
         self._failures = 0  # failed sends so far (flush watches it)
         self.stats = _Stats()
@@ -272,7 +291,7 @@ class MLflowTracker(Tracker):
         """The run's page on a tracking server (None for a local store or before the run exists)."""
         if self.run_id is None or self.experiment_id is None or not self.uri.startswith(("http://", "https://")):
             return None
-        return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        return f"{redact_uri(self.uri).rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
 
     @property
     def unreachable(self) -> bool:
@@ -388,15 +407,28 @@ class MLflowTracker(Tracker):
             status = "FAILED"
         self._push(_Op("terminate", status, f"mark the run {status}"))
         self._finished = True
-        ok = self.flush(timeout, wait_for_server=True)
+        # A server that never answered gets one more try (bounded), not the whole timeout: the
+        # exit of a run with an unreachable tracking URI must not stall. One that answered before
+        # is in an outage it may recover from: keep retrying for ``timeout``.
+        never_reached = not self._reached
+        if never_reached:
+            ok = self.flush(min(timeout, UNREACHABLE_EXIT_WAIT_S), wait_for_server=False)
+        else:
+            ok = self.flush(timeout, wait_for_server=True)
         with self._cv:
-            left = len(self._items)
+            left_metrics, left_ops = self._n_metrics, len(self._items) - self._n_metrics
             self._stop = True
             self._cv.notify_all()
         self._wake.set()
         if not ok and not self._disabled:
-            _warn(f"{left} queued MLflow operations/metric values were not sent to {self.uri} within "
-                  f"{timeout:.0f} s and are lost (metrics.jsonl still has the metrics)")
+            what = (f"{left_metrics} metric values and {left_ops} other operations (creating the run, params, "
+                    "tags, artifacts, its final status) were not sent")
+            if never_reached and not self._reached:
+                _warn(f"MLflow at {self.uri} was unreachable for the whole run: {what} "
+                      "(metrics.jsonl has every metric)")
+            else:
+                _warn(f"MLflow at {self.uri} did not take everything within {timeout:.0f} s: {what} "
+                      "and are lost (metrics.jsonl has every metric)")
         self._thread.join(timeout=5)
         atexit.unregister(self._atexit)
         return ok
@@ -459,6 +491,7 @@ class MLflowTracker(Tracker):
             except Exception as e:  # noqa: BLE001 - anything from the store/network must not escape
                 self._first_attempt.set()
                 if not self._transient(e):
+                    self._reached = True  # the server answered (with a refusal)
                     what = "send metrics" if isinstance(work, list) else work.description
                     self.stats.rejected_metrics += n_metrics
                     self._warn_once(("rejected", what, getattr(e, "error_code", type(e).__name__)),
@@ -469,7 +502,9 @@ class MLflowTracker(Tracker):
                         return
                     continue
                 with self._cv:
+                    self._wake.clear()  # a wake-up asked for during this attempt was this attempt
                     self._failures += 1
+                    self.stats.failed_sends += 1
                     self._cv.notify_all()
                 if self._outage_since is None:
                     self._outage_since = time.monotonic()
@@ -480,9 +515,13 @@ class MLflowTracker(Tracker):
                         return
                 self._wake.wait(backoff)
                 self._wake.clear()
+                with self._cv:
+                    if self._stop:  # woken by finish() giving up: no further attempt
+                        return
                 backoff = min(backoff * 2, self.retry_max_s)
                 continue
             self._first_attempt.set()
+            self._reached = True
             backoff = self.retry_min_s
             self._pop(len(work) if isinstance(work, list) else 1, n_metrics)
             self.stats.sent_metrics += n_metrics
@@ -569,6 +608,11 @@ class MLflowTracker(Tracker):
             client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in items[i:i + MAX_PARAMS_TAGS_PER_BATCH]])
 
     def _ensure_run(self, client: Any) -> None:
+        self._close_orphan(client)
+        self._open_run(client)
+        self._write_state()
+
+    def _open_run(self, client: Any) -> None:
         from mlflow.exceptions import MlflowException
 
         if self.run_id is not None and self._resume:
@@ -596,6 +640,55 @@ class MLflowTracker(Tracker):
         self.experiment_id = exp_id
         self.run_id = run.info.run_id
 
+    def _read_state(self) -> dict[str, Any]:
+        if self.state_file is None:
+            return {}
+        try:
+            d = json.loads(self.state_file.read_text())
+            return d if isinstance(d, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _write_state(self) -> None:
+        """Record the run this out_dir logs to (tmp + rename), for ``_close_orphan`` next time."""
+        if self.state_file is None or self.run_id is None:
+            return
+        data = {"uri": redact_uri(self.uri), "experiment_id": self.experiment_id, "run_id": self.run_id}
+        if self._read_state() == data:
+            return
+        tmp = self.state_file.with_name(self.state_file.name + ".tmp")
+        try:
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(data) + "\n")
+            os.replace(tmp, self.state_file)
+        except OSError as e:
+            self._warn_once(("state-file", type(e).__name__), f"cannot write {self.state_file} ({e}); a run "
+                            "killed before its first checkpoint will stay RUNNING in MLflow")
+
+    def _close_orphan(self, client: Any) -> None:
+        """Mark KILLED the run an earlier attempt in this out_dir left RUNNING.
+
+        A job killed before its first checkpoint (SIGKILL, OOM, node loss) never calls finish(),
+        and no checkpoint names its run, so the next start opens a new run and the old one would
+        stay RUNNING forever. The state file names it; a run being continued is left alone.
+        """
+        from mlflow.exceptions import MlflowException
+
+        old = self._read_state()
+        old_id = old.get("run_id")
+        if not old_id or old_id == self.run_id or old.get("uri") != redact_uri(self.uri):
+            return
+        try:
+            run = client.get_run(old_id)
+        except MlflowException as e:
+            if e.get_http_status_code() in (400, 404):  # deleted meanwhile: nothing to close
+                return
+            raise
+        if run.info.status == "RUNNING":
+            client.set_terminated(old_id, status="KILLED")
+            _warn(f"run {old_id} was left RUNNING by an earlier attempt in this out_dir that ended without "
+                  "finishing (killed before its first checkpoint): marked KILLED")
+
     def _experiment_id(self, client: Any) -> str:
         from mlflow.exceptions import MlflowException
 
@@ -622,5 +715,7 @@ def make_tracker(cfg: "Config", is_main: bool, out_dir: Union[str, os.PathLike, 
     """
     if not is_main or not cfg.tracking.enabled:
         return NullTracker()
-    uri = resolve_tracking_uri(cfg.tracking.uri, out_dir if out_dir is not None else cfg.run.out_dir)
-    return MLflowTracker(uri, cfg.tracking.experiment, cfg.tracking.run_name or cfg.run.name)
+    out = Path(out_dir if out_dir is not None else cfg.run.out_dir)
+    uri = resolve_tracking_uri(cfg.tracking.uri, out)
+    return MLflowTracker(uri, cfg.tracking.experiment, cfg.tracking.run_name or cfg.run.name,
+                         state_file=out / RUN_STATE_FILE)

@@ -1,7 +1,8 @@
 """Faults and bad input through the real CLI (issue 10): every failure is one clear line, nothing
 is silently wrong, nothing leaks.
 
-Real runs of ``slam-pretrain`` (DeepSpeed on the CPU) and real SIGKILLs. Assertions are on exit codes, messages, files, run states and counts, never on
+Real runs of ``slam-pretrain`` (DeepSpeed on the CPU), a real ``mlflow server`` on loopback, real
+SIGKILLs. Assertions are on exit codes, messages, files, run states and counts, never on
 wall-clock time (timeouts below only guard against hangs).
 """
 
@@ -20,7 +21,12 @@ from typing import Callable
 
 import pytest
 
+from mlflow_server import MlflowServer, free_port
 from train_utils import REPO, base_overrides, env_for_tests, kill_tree, run_train, train_cmd
+
+# MLflow's SQLAlchemy store trips a SQLAlchemy deprecation warning (not ours to fix).
+pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
+
 
 def _with(args: list[str], *sets: str) -> list[str]:
     out = list(args)
@@ -67,6 +73,14 @@ def _files_holding(root: Path, needle: str) -> list[str]:
     return [str(p) for p in root.rglob("*") if p.is_file() and needle.encode() in p.read_bytes()]
 
 
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = MlflowServer(tmp_path_factory.mktemp("mlflow_faults"))
+    srv.start()
+    yield srv
+    srv.stop(kill=True)
+
+
 def _copy_dataset(manifest: Path, dst: Path) -> Path:
     shutil.copytree(manifest.parent, dst)
     return dst / "manifest.json"
@@ -99,6 +113,98 @@ def test_binary_file_as_txt_is_one_line_from_prepare(tmp_path):
     line = _one_line_error(r, "prepare")
     assert f"data.sources[0]: {blob} is not text" in line and "vocab_size" not in line
     assert not (ds / "manifest.json").exists() and not list(ds.glob("*.tar"))
+
+
+# ---------------------------------------------------------------------------------------------
+# MLflow: credentials, an unreachable server, a run killed before its first checkpoint.
+
+def test_credentials_in_tracking_uri_are_written_and_logged_nowhere(tiny_manifest, tmp_path, server):
+    """10.3: the password of ``http://user:password@host`` was in the MLflow params, the uploaded
+    config.yaml, every checkpoint's config.yaml, the export's model.config.yaml and warnings."""
+    from mlflow.tracking import MlflowClient
+
+    secret = "s3cr3t-" + uuid.uuid4().hex
+    uri = f"http://trainer:{secret}@127.0.0.1:{server.port}"
+    out = tmp_path / "run"
+    args = _with(base_overrides(tiny_manifest, out, steps=4, interval=2), "tracking.enabled=true",
+                 f"tracking.uri={uri}", "tracking.experiment=faults-credentials")
+    r = run_train(1, args)
+    _ok(r)
+    assert secret not in r.stdout + r.stderr
+    assert (out / "export" / "model.config.yaml").is_file() and len(list(out.glob("checkpoints/step_*"))) == 2
+    assert _files_holding(out, secret) == []  # config.yaml, checkpoints, export, metrics.jsonl, ...
+    assert _files_holding(server.root, secret) == []  # the server's database, artifacts and log
+    assert f"uri: http://***@127.0.0.1:{server.port}" in (out / "config.yaml").read_text()
+
+    client = MlflowClient(tracking_uri=server.uri)
+    exp = client.get_experiment_by_name("faults-credentials")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"  # the credentials did reach the server: the run is complete
+    assert run.data.params["tracking.uri"] == f"http://***@127.0.0.1:{server.port}"
+    assert not [k for k, v in {**run.data.params, **run.data.tags}.items() if secret in v]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4]
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "tokenizer.model", "export"} <= logged
+
+
+def test_unreachable_tracking_server_no_exit_stall_and_one_count_line(tiny_manifest, tmp_path):
+    """10.12: with nothing listening, training finishes (metrics.jsonl complete), the exit makes one
+    last try instead of retrying for 60 s, and one line gives the exact count not sent."""
+    from slam_pretrain.callbacks import _MLFLOW_NAMES
+
+    secret = "pw-" + uuid.uuid4().hex
+    out = tmp_path / "run"
+    args = _with(base_overrides(tiny_manifest, out, steps=6, interval=3), "tracking.enabled=true",
+                 f"tracking.uri=http://trainer:{secret}@127.0.0.1:{free_port()}")
+    r = run_train(1, args)
+    _ok(r)
+    records = _records(out)
+    assert [rec["step"] for rec in records if rec.get("split") != "val"] == list(range(1, 7))
+    expected = sum(1 for rec in records for k, v in rec.items() if k in _MLFLOW_NAMES and v is not None)
+    lines = [line for line in r.stderr.splitlines() if line.startswith("tracking:")]
+    assert sum("is unreachable" in line for line in lines) == 1, r.stderr
+    final = [line for line in lines if "unreachable for the whole run" in line]
+    assert len(final) == 1 and f": {expected} metric values and " in final[0], r.stderr
+    assert "within" not in r.stderr  # not the end of a long wait
+    assert secret not in r.stdout + r.stderr and _files_holding(out, secret) == []
+
+
+def test_run_killed_before_first_checkpoint_is_marked_killed_on_next_start(tiny_manifest, tmp_path, server):
+    """10.12: a SIGKILL before the first checkpoint left the MLflow run RUNNING for ever."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=server.uri)
+    out = tmp_path / "run"
+    tracking = ("tracking.enabled=true", f"tracking.uri={server.uri}", "tracking.experiment=faults-orphan")
+
+    def first_run_logging() -> bool:
+        exp = client.get_experiment_by_name("faults-orphan")
+        if exp is None:
+            return False
+        runs = client.search_runs([exp.experiment_id])
+        return bool(runs) and bool(client.get_metric_history(runs[0].info.run_id, "train/loss"))
+
+    log = tmp_path / "killed.log"
+    with open(log, "w") as fh:
+        p = subprocess.Popen(train_cmd(1, _with(base_overrides(tiny_manifest, out, steps=5000, interval=100000),
+                                                *tracking)),
+                             cwd=REPO, env=env_for_tests(), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            _wait_for(first_run_logging, 300, "the first run's metrics in MLflow", p, log)
+            assert not (out / "checkpoints").exists() or not list((out / "checkpoints").glob("step_*"))
+        finally:
+            kill_tree(p.pid)
+            p.wait(30)
+    exp = client.get_experiment_by_name("faults-orphan")
+    (killed,) = client.search_runs([exp.experiment_id])
+    assert killed.info.status == "RUNNING"  # what the SIGKILL left
+
+    r = run_train(1, _with(base_overrides(tiny_manifest, out, steps=2, interval=2), *tracking))
+    _ok(r)
+    assert r.stderr.count(f"run {killed.info.run_id} was left RUNNING") == 1, r.stderr
+    runs = {run.info.run_id: run.info.status for run in client.search_runs([exp.experiment_id])}
+    assert len(runs) == 2 and runs.pop(killed.info.run_id) == "KILLED"
+    assert list(runs.values()) == ["FINISHED"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -181,8 +181,33 @@ def test_uri_resolution_and_overflow(tmp_path: Path, monkeypatch, capfd) -> None
     assert not tracker.finish("FINISHED", timeout=1)
     err = capfd.readouterr().err
     assert err.count("buffer full") == 1 and err.count("is unreachable") == 1, err
-    assert "are lost" in err
+    assert "unreachable for the whole run: 50 metric values and 4 other operations" in err
     NullTracker().log_metrics({"x": 1.0}, step=0)  # the other ranks' tracker: a no-op
+
+
+def test_unreachable_throughout_exits_without_stall_and_hides_credentials(tmp_path: Path, capfd) -> None:
+    """Issue 10.12 and 10.3: a server that never answered gets one last try at exit (it used to be
+    retried for the whole 60 s exit timeout), the not-sent count is one line, and no warning shows
+    the password in the URI. Asserted on counts, not on time."""
+    secret = "pw-" + os.urandom(6).hex()
+    uri = f"http://trainer:{secret}@127.0.0.1:{free_port()}"
+    # Long backoff: the sender retries only when flush()/finish() wake it, so the count below is
+    # what finish() itself caused.
+    tracker = MLflowTracker(uri, "x", retry_min_s=600, retry_max_s=600)
+    assert tracker.start(None, {"a": 1}, {"b": "2"}, wait_s=20) is None
+    _log_steps(tracker, range(12))
+    tracker.log_artifact(tmp_path)
+    assert not tracker.flush(30)  # a checkpoint's flush: one retry, then False
+    failed = tracker.stats.failed_sends
+    assert not tracker.finish("FINISHED", timeout=60)
+    assert tracker.stats.failed_sends - failed <= 1  # one last try, not a minute of retries
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("tracking:")]
+    assert sum("is unreachable" in line for line in lines) == 1, err
+    done = [line for line in lines if "unreachable for the whole run" in line]
+    assert len(done) == 1 and "24 metric values and 5 other operations (creating the run, params, tags, " \
+        "artifacts, its final status) were not sent" in done[0], err
+    assert secret not in err and "http://***@127.0.0.1:" in err
 
 
 def test_redaction_of_uris_configs_and_messages() -> None:
