@@ -5,6 +5,9 @@
               overlap 0): the same blocks on a token's path (ef_cycles + 2), all full attention.
 - dense:      a plain transformer with as many blocks as SLAM has (2 + 2 * ef_cycles), all full
               attention: the same parameters, more depth.
+- inherent:   SLAM's own blocks on segments that are already batched (no gather, concatenation,
+              RoPE slot factors or fusion): what an EF cycle costs at the speed of its FLOPs.
+              ``EF overhead`` = slam / inherent (1.00 would be a free segment layout).
 
 Memory: ``act_MB`` is the bytes of the tensors autograd saves for backward in one forward (unique
 storages, parameters excluded), measured with ``torch.autograd.graph.saved_tensors_hooks``: exact
@@ -57,6 +60,36 @@ class DenseLM(nn.Module):
             x = block(x, rope)
         logits = self.lm_head(self.norm_f(x))
         return logits, F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+class InherentSLAM(nn.Module):
+    """SLAM's blocks with the segment layout taken for free: embedding, initial block on [B, N, D],
+    then per cycle A on [B*K_even, S, D] and B on [B*K_odd, S, D] (each fed the previous cycle's
+    output of the same shape; the first cycle a free view of the initial block's output), the final
+    block on the initial block's output, norm, head, loss. The EF outputs join the loss with weight
+    0, so backward runs through every block (the same work; the gradients are not the model's)."""
+
+    def __init__(self, model: SLAMv1LM):
+        super().__init__()
+        self.m = model
+        self.tok_emb = model.tok_emb
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor):
+        m, (b, n) = self.m, tokens.shape
+        plan = m.ef_plan(n, tokens.device)
+        x = m.initial_block(m.tok_emb(tokens), plan.rope_full)  # [B, N, D]
+        d, p = x.shape[-1], plan.pad
+        flat = x.reshape(-1, d)
+        reps = -(-(b * (plan.k_even + plan.k_odd) * p) // flat.shape[0])  # enough rows for both batches
+        flat = flat.repeat(reps, 1) if reps > 1 else flat
+        xe = flat[:b * plan.k_even * p].view(b * plan.k_even, p, d)  # free views: the layout costs nothing
+        xo = flat[b * plan.k_even * p:b * (plan.k_even + plan.k_odd) * p].view(b * plan.k_odd, p, d)
+        for i in range(m.config.ef_cycles):
+            xe = m.ef_blocks_A[i](xe, plan.rope_even)
+            xo = m.ef_blocks_B[i](xo, plan.rope_odd) if plan.k_odd else xo
+        logits = m.lm_head(m.norm_f(m.final_block(x, plan.rope_full)))
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        return logits, loss + 0.0 * (xe.float().mean() + xo.float().mean())
 
 
 def saved_activation_bytes(step: Callable[[], torch.Tensor], params: set[int]) -> int:
@@ -116,7 +149,7 @@ def parse_sizes(text: str) -> list[int]:
     return [int(float(s[:-1]) * 1024) if s.lower().endswith("k") else int(s) for s in text.split(",")]
 
 
-KINDS = ["slam", "same-depth", "dense"]
+KINDS = ["slam", "same-depth", "dense", "inherent"]
 
 
 def build(kind: str, base: ModelConfig, n: int) -> nn.Module:
@@ -125,6 +158,8 @@ def build(kind: str, base: ModelConfig, n: int) -> nn.Module:
         return DenseLM(base, 2 + 2 * base.ef_cycles)
     if kind == "same-depth":
         return SLAMv1LM(dataclasses.replace(base, segment_len=n, overlap=0))
+    if kind == "inherent":
+        return InherentSLAM(SLAMv1LM(base))
     return SLAMv1LM(base)
 
 
@@ -139,6 +174,7 @@ def bench_size(args: argparse.Namespace, base: ModelConfig, n: int, device: torc
         del model
     assert row["slam"]["params"] == row["dense"]["params"]
     mem_key = "peak_MB" if device.type == "cuda" else "act_MB"
+    row["ef_overhead"] = row["slam"][args.clock] / row["inherent"][args.clock]
     for what, key in (("time", args.clock), ("mem", mem_key)):
         for kind in ("same-depth", "dense"):
             row[f"{what}_slam_over_{kind.replace('-', '_')}"] = row["slam"][key] / row[kind][key]
@@ -148,7 +184,7 @@ def bench_size(args: argparse.Namespace, base: ModelConfig, n: int, device: torc
     return row
 
 
-RATIOS = [("t slam/same", "time_slam_over_same_depth"), ("t slam/dense", "time_slam_over_dense"),
+RATIOS = [("EF overhead", "ef_overhead"), ("t slam/same", "time_slam_over_same_depth"), ("t slam/dense", "time_slam_over_dense"),
           ("m slam/same", "mem_slam_over_same_depth"), ("m slam/dense", "mem_slam_over_dense"),
           ("F slam/same", "flops_slam_over_same_depth")]
 
@@ -185,7 +221,8 @@ def main() -> None:
           f"repeats={args.repeats} d_model={base.d_model} heads={base.num_heads} d_ff={base.d_ff} "
           f"ef_cycles={base.ef_cycles} S={base.segment_len} O={base.overlap} batch=1")
     print(f"same-depth = one segment spanning N (depth per token {base.ef_cycles + 2}); "
-          f"dense = {2 + 2 * base.ef_cycles} full-attention blocks (same parameters)")
+          f"dense = {2 + 2 * base.ef_cycles} full-attention blocks (same parameters); "
+          f"inherent = SLAM's blocks on pre-batched segments (EF overhead = slam / inherent)")
     clock = "wall-clock" if args.clock == "time_s" else "process CPU"
     memory = "peak cuda memory allocated" if device.type == "cuda" else "activations saved for backward"
     print(f"s = {clock} seconds per step (fastest of repeats); MB = {memory}")

@@ -192,6 +192,7 @@ def check_compatible(path: Path, config: Any = None, checksums: Optional[dict[st
     if current is not None:
         saved = yaml.safe_load((path / "config.yaml").read_text()) or {}
         old_model, new_model = saved.get("model", {}), current.get("model", {})
+        old_model = {"layout_revision": 1, **old_model}  # saved before revision 2 recorded it
         diff = sorted(k for k in set(old_model) | set(new_model) if old_model.get(k) != new_model.get(k))
         if diff:
             shown = ", ".join(f"model.{k}: checkpoint {old_model.get(k)!r} vs config {new_model.get(k)!r}"

@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--no-cache", action="store_true",
+                   help="recompute the whole context for every token (the reference path; same tokens, slower)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("export", help="consolidate a checkpoint into one safetensors file")

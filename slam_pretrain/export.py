@@ -138,8 +138,11 @@ def model_config_from_dict(d: dict[str, Any], source: str) -> "ModelConfig":
     from slam_pretrain.errors import ConfigError
     from slam_pretrain.model import ModelConfig
 
+    d = dict(d)
+    # Written before layout revision 2 existed: revision 1 (validate refuses it for token layouts).
+    d.setdefault("layout_revision", 1)
     try:
-        cfg = _build(ModelConfig, dict(d), "model")
+        cfg = _build(ModelConfig, d, "model")
         cfg.validate("model")
     except ConfigError as e:
         raise UserError(f"{source}: {e}") from None

@@ -22,6 +22,7 @@ Choices the spec leaves open (also in docs/DESIGN.md terms):
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional, Union
 
@@ -30,6 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slam_pretrain.errors import ConfigError, UserError
+
+LAYOUT_REVISION = 2  # the EF segment layout this code implements (shared/spec/slam_model.md)
 
 @dataclass
 class ModelConfig:
@@ -56,6 +59,9 @@ class ModelConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02
     norm_eps: float = 1e-5
+    # EF segment layout revision (spec revision 2: K = ceil(N / T), prefix-consistent). Recorded in
+    # every checkpoint and export; a checkpoint without it predates revision 2 (see validate).
+    layout_revision: int = 2
 
     @property
     def kv_heads(self) -> int:
@@ -64,6 +70,20 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
+
+    @property
+    def fractional_segments(self) -> bool:
+        """segment_len/overlap are fractions of N: the layout moves with N (no prefix consistency)."""
+        return isinstance(self.segment_len, float)
+
+    @property
+    def prefix_consistent(self) -> bool:
+        """logits(x[:, :n]) == logits(x)[:, :n] for every n, so an exact KV cache exists."""
+        return not self.fractional_segments
+
+    def ef_segments(self, n: int) -> list[tuple[int, int]]:
+        """The EF segments [start, end) at sequence length n (see the function ``ef_segments``)."""
+        return ef_segments(n, *self.segment_layout(n), drop_overlap_tail=self.fractional_segments)
 
     def validate(self, prefix: str = "model") -> None:
         """Raise ConfigError naming the key, the value and what is valid."""
@@ -104,14 +124,26 @@ class ModelConfig:
                 raise bad("overlap", ov, "must be tokens (an int) when segment_len is tokens")
         if ov < 0 or ov >= seg / 2:
             raise bad("overlap", ov, f"must satisfy 0 <= overlap < segment_len/2 = {seg / 2:g}")
+        if self.layout_revision not in (1, LAYOUT_REVISION):
+            raise bad("layout_revision", self.layout_revision, f"this version implements {LAYOUT_REVISION}")
+        if self.layout_revision == 1 and not self.fractional_segments:
+            # Revision 1 dropped a trailing segment holding only overlap positions: a model trained
+            # so computes another function under revision 2 for ~O/T of its positions. No silent
+            # change of function: retrain, or fine-tune under revision 2 and say so.
+            raise bad("layout_revision", 1, f"weights trained with EF segment layout revision 1 "
+                      f"(K = ceil((N - O)/T)) compute another function under revision {LAYOUT_REVISION} "
+                      f"(K = ceil(N/T)); retrain, or fine-tune under revision {LAYOUT_REVISION} and set "
+                      f"model.layout_revision={LAYOUT_REVISION} knowingly")
 
     def segment_layout(self, n: int) -> tuple[int, int]:
-        """(S, O) in tokens for sequence length ``n``; (n, 0) when one segment spans the sequence.
+        """(S, O) in tokens for sequence length ``n``.
 
-        Fractions: S = max(1, round(segment_len * n)), O = round(overlap * n), then O is lowered
-        to keep O < S/2, and S is raised (never past n) if rounding would add a segment to the
-        count of the exact fractional layout: 0.6 / 0.2 always gives the prototype's two segments
-        [0, S) and [S - O, n). Tokens: (segment_len, overlap) as given.
+        Tokens: (segment_len, overlap) as given, whatever n is (prefix consistency needs the same
+        layout at every length). Fractions: (n, 0) when one segment spans the sequence; else
+        S = max(1, round(segment_len * n)), O = round(overlap * n), then O is lowered to keep
+        O < S/2, and S is raised (never past n) if rounding would add a segment to the count of the
+        exact fractional layout: 0.6 / 0.2 always gives the prototype's two segments [0, S) and
+        [S - O, n).
         """
         if n <= 0:
             raise ValueError(f"sequence length must be positive, got {n}")
@@ -123,9 +155,8 @@ class ModelConfig:
             k_exact = 1 if seg >= 1.0 else math.ceil((1.0 - ov) / (seg - ov) - 1e-9)
             if n > s:
                 s = max(s, o + math.ceil((n - o) / k_exact))
-        else:
-            s, o = int(seg), int(ov)
-        return (n, 0) if n <= s else (s, o)
+            return (n, 0) if n <= s else (s, o)
+        return int(seg), int(ov)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,13 +180,29 @@ def rope_freqs(positions: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[2j], x[2j+1]) of x [b, h, L, hd] by freqs (complex, broadcastable to
-    [b, h, L, hd/2]); computed in fp32 like Llama, returned in x's dtype."""
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # [b, h, L, hd/2]
-    return torch.view_as_real(xc * freqs).flatten(-2).type_as(x)
+    """Rotate pairs (x[2j], x[2j+1]) of x [b, h, L, hd] by freqs, complex [k, 1, L, hd/2] with
+    b = B * k (k = 1: one set for every sequence; k = segments of a batch, b-major: the factors of
+    each segment slot, shared by the B sequences without a copy); fp32 like Llama, x's dtype out."""
+    k = freqs.shape[0]
+    xc = torch.view_as_complex(x.float().reshape(-1, k, *x.shape[1:-1], x.shape[-1] // 2, 2))  # [B, k, h, L, hd/2]
+    return torch.view_as_real(xc * freqs).reshape(x.shape).type_as(x)
 
 
-Rope = Optional[torch.Tensor]  # complex RoPE factors [1 or b, 1, L, hd/2]; None: learned positions
+Rope = Optional[torch.Tensor]  # complex RoPE factors [k, 1, L, hd/2] (see apply_rope); None: learned positions
+
+
+@dataclass
+class KVSlot:
+    """One attention layer's key/value buffers during incremental decoding (kv_cache.py).
+
+    The new token's keys/values go to slot ``index[b]`` of row b, and the query attends to the
+    slots ``<= index[b]``; ``length`` = max(index) + 1 bounds the slots read.
+    """
+
+    k: torch.Tensor  # [B, Hkv, C, hd]
+    v: torch.Tensor  # [B, Hkv, C, hd]
+    index: torch.Tensor  # [B] long
+    length: int
 
 
 class CausalSelfAttention(nn.Module):
@@ -169,17 +216,31 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
-        b, L, d = x.shape  # [b, L, D]
+    def project(self, x: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [b, L, D] -> q [b, H, L, hd], k and v [b, Hkv, L, hd], RoPE applied."""
+        b, L, d = x.shape
         q, k, v = self.qkv(x).split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
         q = q.view(b, L, self.n_heads, self.hd).transpose(1, 2)  # [b, H, L, hd]
         k = k.view(b, L, self.n_kv, self.hd).transpose(1, 2)  # [b, Hkv, L, hd]
         v = v.view(b, L, self.n_kv, self.hd).transpose(1, 2)  # [b, Hkv, L, hd]
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True,
-            enable_gqa=self.n_kv != self.n_heads)  # [b, H, L, hd]
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, rope: Rope, kv: Optional[KVSlot] = None) -> torch.Tensor:
+        b, L, d = x.shape  # [b, L, D]
+        q, k, v = self.project(x, rope)
+        gqa = self.n_kv != self.n_heads
+        if kv is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                               is_causal=True, enable_gqa=gqa)  # [b, H, L, hd]
+        else:  # one new token per row (L = 1): store its k/v, attend to the row's valid slots
+            rows = torch.arange(b, device=x.device)
+            kv.k[rows, :, kv.index] = k[:, :, 0]
+            kv.v[rows, :, kv.index] = v[:, :, 0]
+            valid = torch.arange(kv.length, device=x.device) <= kv.index[:, None]  # [b, length]
+            y = F.scaled_dot_product_attention(q, kv.k[:, :, :kv.length], kv.v[:, :, :kv.length],
+                                               attn_mask=valid[:, None, None, :], enable_gqa=gqa)  # [b, H, 1, hd]
         y = y.transpose(1, 2).reshape(b, L, self.n_heads * self.hd)
         return self.resid_drop(self.proj(y))
 
@@ -213,75 +274,90 @@ class EncoderBlock(nn.Module):
         self.norm1, self.attn = make_norm(cfg), CausalSelfAttention(cfg)
         self.norm2, self.ffn = make_norm(cfg), FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, rope: Rope = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope = None, kv: Optional[KVSlot] = None) -> torch.Tensor:
         if self.pre_norm:
-            x = x + self.attn(self.norm1(x), rope)
+            x = x + self.attn(self.norm1(x), rope, kv)
             return x + self.ffn(self.norm2(x))
-        x = self.norm1(x + self.attn(x, rope))
+        x = self.norm1(x + self.attn(x, rope, kv))
         return self.norm2(x + self.ffn(x))
+
+    def keys_values(self, x: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values this block's attention computes for the block input x [b, L, D]."""
+        _, k, v = self.attn.project(self.norm1(x) if self.pre_norm else x, rope)
+        return k, v
 
 
 # ---------------------------------------------------------------------------------------------
 # EF cycle geometry.
 
-def ef_segments(n: int, segment_len: int, overlap: int) -> list[tuple[int, int]]:
-    """Segments [start, end) of one EF cycle: stride T = S - O, segment k = [kT, min(kT + S, n))."""
+def ef_segments(n: int, segment_len: int, overlap: int, drop_overlap_tail: bool = False) -> list[tuple[int, int]]:
+    """Segments [start, end) of one EF cycle: stride T = S - O, segment k = [kT, min(kT + S, n)).
+
+    Revision 2 of the layout: every segment that starts before n exists, K = ceil(n / T), so the
+    segments holding position p are {k : kT <= p < kT + S} whatever n is (prefix consistency).
+    ``drop_overlap_tail`` keeps revision 1's count K = ceil((n - O) / T) (1 when n <= S), which
+    drops a trailing segment holding only overlap positions: fractional layouts use it to keep the
+    prototype's two segments (they move with n, so they are not prefix-consistent anyway).
+    """
     s, o = segment_len, overlap
     if n <= 0 or s <= 0 or not 0 <= o < s / 2:
         raise ValueError(f"need n > 0, segment_len > 0, 0 <= overlap < segment_len/2; got {n}, {s}, {o}")
-    if n <= s:
-        return [(0, n)]
     t = s - o
-    k = -(-(n - o) // t)  # ceil((n - O) / T)
+    k = (1 if n <= s else -(-(n - o) // t)) if drop_overlap_tail else -(-n // t)
     return [(i * t, min(i * t + s, n)) for i in range(k)]
 
 
 @dataclass
 class EFPlan:
-    """Index tensors of the batched EF cycle for one sequence length (cached per (n, device)).
+    """Layout of the batched EF cycle for one sequence length (cached per (n, device)).
 
-    Even segments form one batch [B*K_even, S, D], odd ones another; the last segment, if ragged,
-    is padded at its end with copies of position n-1 (causal attention never looks back at them,
-    and fusion never reads them). Block outputs are concatenated as [even slots | odd slots] and
-    position p reads slots ``first[p]`` and ``second[p]`` (equal when one segment holds p), so
-    the fusion mean is 0.5 * (y[first] + y[second]): a gather, deterministic, no N x N mask.
+    Even segments start at 2jT and odd ones at (2j+1)T, so with S < 2T (O < S/2) the even
+    segments are the first S rows of the N tokens cut into periods of 2T, and the odd ones the
+    same after a shift of T: a pad, a view and a slice build each batch (no gather), and the same
+    in reverse places the block outputs (no scatter). Segments are padded to ``pad`` = min(S, N)
+    tokens at their end, which causal attention never looks back from and fusion never reads.
+    The fusion mean is (even + odd) * weight, weight 0.5 where two segments hold p, else 1.
     """
 
     n: int
-    seg: int  # S, the padded length of every segment
-    num_segments: int  # K
+    seg: int  # S
+    stride: int  # T = S - O
+    pad: int  # padded length of every segment in the batches, min(S, n)
     k_even: int
     k_odd: int
-    idx_even: torch.Tensor  # [K_even*S] global position of each even-batch slot
-    idx_odd: torch.Tensor  # [K_odd*S]
-    first: torch.Tensor  # [n] slot of the first segment holding p, in [even | odd] order
-    second: torch.Tensor  # [n] slot of the second one (== first if only one holds p)
+    weight: torch.Tensor  # [n, 1] fp32: 1 / (number of segments holding p)
+    rope_full: Rope  # [1, 1, n, hd/2] for the full blocks (None: learned positions)
+    rope_even: Rope  # [K_even, 1, pad, hd/2], each slot's global position
+    rope_odd: Rope  # [K_odd, 1, pad, hd/2]
 
 
-def build_ef_plan(n: int, seg: int, overlap: int, device: torch.device) -> EFPlan:
-    """Precompute gather indices of the EF cycle for sequence length n (see EFPlan)."""
-    k = len(ef_segments(n, seg, overlap))
-    seg = min(seg, n)  # one segment: no padding
-    t = seg - overlap
-    k_even, k_odd = (k + 1) // 2, k // 2
-    pos = torch.arange(k, device=device)[:, None] * t + torch.arange(seg, device=device)  # [K, S]
-    pos = pos.clamp(max=n - 1)  # ragged last segment: pad with position n-1
-    p = torch.arange(n, device=device)
+def build_ef_plan(cfg: "ModelConfig", n: int, device: torch.device) -> EFPlan:
+    """The EFPlan of cfg at sequence length n: segment counts, fusion weights and RoPE factors."""
+    segs = cfg.ef_segments(n)
+    s, o = cfg.segment_layout(n)
+    k, t, pad = len(segs), s - o, min(s, n)
+    count = torch.zeros(n, 1)
+    for a, e in segs:
+        count[a:e] += 1
+    rope_full = rope_even = rope_odd = None
+    if cfg.pos_encoding == "rope":
+        rope_full = rope_freqs(torch.arange(n, device=device), cfg)[None, None]
+        slots = torch.arange(pad, device=device)
+        rope_even = rope_freqs(torch.arange(0, k, 2, device=device)[:, None] * t + slots, cfg)[:, None]
+        rope_odd = rope_freqs(torch.arange(1, k, 2, device=device)[:, None] * t + slots, cfg)[:, None]
+    return EFPlan(n, s, t, pad, (k + 1) // 2, k // 2, (1.0 / count).to(device), rope_full, rope_even, rope_odd)
 
-    def slot(kk: torch.Tensor) -> torch.Tensor:  # slot of position p in segment kk, [n]
-        base = torch.where(kk % 2 == 0, (kk // 2) * seg, (k_even + kk // 2) * seg)
-        return base + p - kk * t
 
-    k_hi = (p // t).clamp(max=k - 1)  # last segment starting at or before p
-    k_lo = (torch.div(p - seg, t, rounding_mode="floor") + 1).clamp(min=0)  # first one ending after p
-    return EFPlan(n, seg, k, k_even, k_odd, pos[0::2].reshape(-1), pos[1::2].reshape(-1),
-                  slot(k_lo), slot(k_hi))
+def _fit(x: torch.Tensor, length: int) -> torch.Tensor:
+    """x [B, L, D] cut or zero-padded at its end to [B, length, D]."""
+    return x[:, :length] if x.shape[1] >= length else F.pad(x, (0, 0, 0, length - x.shape[1]))
 
 
 # ---------------------------------------------------------------------------------------------
 # The model.
 
 Wrapper = Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor], torch.Tensor]
+PLAN_CACHE_SIZE = 8  # EF plans kept (LRU): generation and eval see many lengths, training one
 
 
 class SLAMv1LM(nn.Module):
@@ -303,7 +379,7 @@ class SLAMv1LM(nn.Module):
         # Activation checkpointing hooks, set by the engine: w(fn, x) replaces fn(x).
         self.cycle_wrapper: Optional[Wrapper] = None  # one region per EF cycle (A, B and fusion)
         self.block_wrapper: Optional[Wrapper] = None  # initial_block and final_block
-        self._plans: dict[tuple[int, str], EFPlan] = {}
+        self._plans: OrderedDict[tuple[int, str], EFPlan] = OrderedDict()
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -324,52 +400,65 @@ class SLAMv1LM(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=resid_std)
 
     def ef_plan(self, n: int, device: torch.device) -> EFPlan:
+        """The plan for length n, from a small LRU cache (memory does not grow with lengths seen)."""
         key = (n, str(device))
-        if key not in self._plans:
-            self._plans[key] = build_ef_plan(n, *self.config.segment_layout(n), device)
-        return self._plans[key]
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = build_ef_plan(self.config, n, device)
+            while len(self._plans) > PLAN_CACHE_SIZE:
+                self._plans.popitem(last=False)
+        else:
+            self._plans.move_to_end(key)
+        return plan
 
-    def _ef_cycle(self, i: int, plan: EFPlan, rope_even: Rope, rope_odd: Rope, x: torch.Tensor) -> torch.Tensor:
+    def _ef_cycle(self, i: int, plan: EFPlan, x: torch.Tensor) -> torch.Tensor:
         """One EF cycle: A on even segments, B on odd ones (one call each), fusion mean. x [B, N, D]."""
-        if plan.num_segments == 1:
-            return self.ef_blocks_A[i](x, rope_even)
+        if plan.k_odd == 0:  # one segment holds the whole sequence
+            return self.ef_blocks_A[i](x, plan.rope_full)
         b, n, d = x.shape
-        xe = x.index_select(1, plan.idx_even).view(b * plan.k_even, plan.seg, d)  # [B*K_even, S, D]
-        xo = x.index_select(1, plan.idx_odd).view(b * plan.k_odd, plan.seg, d)  # [B*K_odd, S, D]
-        ye = self.ef_blocks_A[i](xe, rope_even).view(b, plan.k_even * plan.seg, d)
-        yo = self.ef_blocks_B[i](xo, rope_odd).view(b, plan.k_odd * plan.seg, d)
-        y = torch.cat([ye, yo], dim=1)  # [B, K*S, D] in slot order
-        return 0.5 * (y.index_select(1, plan.first) + y.index_select(1, plan.second))  # [B, N, D]
+        t, p, ke, ko = plan.stride, plan.pad, plan.k_even, plan.k_odd
+        span = max(ke, ko + 1) * 2 * t  # room for both batches' periods (odd ones start at T)
 
-    def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None):
-        """tokens [B, N] -> logits [B, N, V], or (logits, mean CE loss) when targets are given."""
+        def periods(h: torch.Tensor, start: int, k: int) -> torch.Tensor:  # [B, k, 2T, D] view of h
+            return h[:, start:start + k * 2 * t].view(b, k, 2 * t, d)
+
+        xp = _fit(x, span)  # [B, span, D]: zero padding past N
+        xe = periods(xp, 0, ke)[:, :, :p].reshape(b * ke, p, d)  # [B*K_even, P, D]
+        xo = periods(xp, t, ko)[:, :, :p].reshape(b * ko, p, d)  # [B*K_odd, P, D]
+        ye = self.ef_blocks_A[i](xe, plan.rope_even).view(b, ke, p, d)
+        yo = self.ef_blocks_B[i](xo, plan.rope_odd).view(b, ko, p, d)
+        # Back to positions, in place in one buffer (no concatenation), then the fusion mean.
+        out = ye.new_zeros(b, span, d)
+        periods(out, 0, ke)[:, :, :p] = ye
+        periods(out, t, ko)[:, :, :p] += yo
+        return out[:, :n] * plan.weight.to(out.dtype)  # [B, N, D]
+
+    def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                hidden: Optional[list[torch.Tensor]] = None):
+        """tokens [B, N] -> logits [B, N, V], or (logits, mean CE loss) when targets are given.
+
+        ``hidden``: a list that receives the input of every stage (initial block, each EF cycle,
+        final block), each [B, N, D]; the KV cache's prefill reads keys and values from them.
+        """
         cfg = self.config
         b, n = tokens.shape
         if n > cfg.max_seq_len:
             raise UserError(f"sequence length {n} is longer than model.max_seq_len={cfg.max_seq_len}")
         plan = self.ef_plan(n, tokens.device)
         x = self.tok_emb(tokens)  # [B, N, D]
-        rope = rope_even = rope_odd = None
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(n, device=tokens.device))
-        else:  # RoPE factors of each segment slot come from its global position
-            freqs = rope_freqs(torch.arange(n, device=tokens.device), cfg)  # [N, hd/2]
-            rope = freqs[None, None]  # [1, 1, N, hd/2]
-
-            def seg_rope(idx: torch.Tensor, k: int) -> Rope:  # [B*k, 1, S, hd/2], b-major like x
-                return freqs[idx].view(k, 1, plan.seg, -1).repeat(b, 1, 1, 1)
-
-            rope_even = seg_rope(plan.idx_even, plan.k_even) if plan.num_segments > 1 else rope
-            rope_odd = seg_rope(plan.idx_odd, plan.k_odd) if plan.k_odd else None
         x = self.drop(x)
 
         def run(wrapper: Optional[Wrapper], fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor):
+            if hidden is not None:
+                hidden.append(x)
             return fn(x) if wrapper is None else wrapper(fn, x)
 
-        x = run(self.block_wrapper, lambda h: self.initial_block(h, rope), x)
+        x = run(self.block_wrapper, lambda h: self.initial_block(h, plan.rope_full), x)
         for i in range(cfg.ef_cycles):
-            x = run(self.cycle_wrapper, lambda h, i=i: self._ef_cycle(i, plan, rope_even, rope_odd, h), x)
-        x = run(self.block_wrapper, lambda h: self.final_block(h, rope), x)
+            x = run(self.cycle_wrapper, lambda h, i=i: self._ef_cycle(i, plan, h), x)
+        x = run(self.block_wrapper, lambda h: self.final_block(h, plan.rope_full), x)
         logits = self.lm_head(self.norm_f(x))  # [B, N, V]
         if targets is None:
             return logits
@@ -415,7 +504,7 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     EF blocks.
     """
     cfg, n = config, seq_len
-    segs = ef_segments(n, *cfg.segment_layout(n))
+    segs = cfg.ef_segments(n)
     ef_tokens = sum(e - s for s, e in segs)  # N + (K-1)*O
     ef_sq = sum((e - s) ** 2 for s, e in segs)
     matmul = 6 * _block_matmul_params(cfg) * (2 * n + cfg.ef_cycles * ef_tokens) + 6 * cfg.vocab_size * cfg.d_model * n
@@ -427,7 +516,7 @@ def model_summary(config: ModelConfig, seq_len: int) -> str:
     """A few lines for ``train --dry-run``: parameters, FLOPs per token, the EF segment layout."""
     cfg = config
     s, o = cfg.segment_layout(seq_len)
-    segs = ef_segments(seq_len, s, o)
+    segs = cfg.ef_segments(seq_len)
     shown = ", ".join(f"[{a},{b})" for a, b in (segs if len(segs) <= 6 else segs[:3]))
     if len(segs) > 6:
         shown += f", ... [{segs[-1][0]},{segs[-1][1]})"

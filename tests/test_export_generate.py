@@ -219,3 +219,31 @@ def test_export_round_trip(checkpoint_run: tuple[Path, Path], tmp_path: Path) ->
         assert r.stdout.startswith("def main(")
         texts.append(r.stdout)
     assert texts[0] == texts[1] == texts[2]
+    # The recompute path (--no-cache) writes the same text as the KV cache.
+    r = _cli("generate", "--checkpoint", str(out), "--input", "def main(", "--max-new-tokens", "12",
+             "--temperature", "0", "--no-cache")
+    assert r.returncode == 0 and r.stdout == texts[0], r.stderr[-3000:]
+    assert "recompute" in r.stderr and "KV cache" in _cli("generate", "--checkpoint", str(out), "--input", "x",
+                                                          "--max-new-tokens", "1").stderr
+
+
+def test_layout_revision_1_checkpoint_is_refused(checkpoint_run: tuple[Path, Path], tmp_path: Path) -> None:
+    """A checkpoint from before layout revision 2 (no layout_revision in its config) would compute
+    another function: export and generate refuse it in one line instead of changing it silently."""
+    import shutil
+
+    import yaml
+
+    out_dir, _ = checkpoint_run
+    old = tmp_path / "step_00000002"
+    shutil.copytree(out_dir / "checkpoints" / "step_00000002", old)
+    cfg = yaml.safe_load((old / "config.yaml").read_text())
+    assert cfg["model"].pop("layout_revision") == 2  # what a revision-2 checkpoint records
+    (old / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    for args in (("generate", "--checkpoint", str(old), "--input", "hi"),
+                 ("export", "--checkpoint", str(old), "--out", str(tmp_path / "m.safetensors"))):
+        r = _cli(*args)
+        assert r.returncode == 2, r.stderr[-2000:]
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "layout revision 1" in lines[0] and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "m.safetensors").exists()

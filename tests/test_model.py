@@ -42,8 +42,8 @@ def build(cfg: ModelConfig, seed: int = 0) -> SLAMv1LM:
     return SLAMv1LM(cfg)
 
 
-# N < S, N = O + K*T (segments fit exactly), N a multiple of the stride T=9, ragged N.
-MODERN_NS = [8, 21, 27, 31]
+# N < T, T < N <= S, N inside an overlap, N = O + K*T, N a multiple of the stride T=9, ragged N.
+MODERN_NS = [8, 10, 19, 21, 27, 31]
 REFERENCE_NS = [5, 10, 23, 40]
 CASES = [("modern", n) for n in MODERN_NS] + [("reference", n) for n in REFERENCE_NS]
 PRESETS = {"modern": modern_cfg, "reference": reference_cfg}
@@ -78,7 +78,7 @@ def loop_forward(model: SLAMv1LM, tokens: torch.Tensor) -> torch.Tensor:
     else:
         full_rope = rope_freqs(torch.arange(n), cfg)[None, None]
     x = model.initial_block(x, full_rope)
-    segs = ef_segments(n, *cfg.segment_layout(n))
+    segs = cfg.ef_segments(n)
     for i in range(cfg.ef_cycles):
         out, count = torch.zeros_like(x), torch.zeros(n, 1)
         for k, (s, e) in enumerate(segs):
@@ -110,7 +110,7 @@ def test_batched_ef_matches_segment_loop(preset: str, n: int) -> None:
     names = [name for name, _ in model.named_parameters()]
     for name, g, rg in zip(names, grads, ref_grads):
         torch.testing.assert_close(g, rg, rtol=1e-5, atol=1e-5, msg=lambda m: f"grad of {name}: {m}")
-    if len(ef_segments(n, *model.config.segment_layout(n))) > 1:  # block B really was used
+    if len(model.config.ef_segments(n)) > 1:  # block B really was used
         assert grads[names.index("ef_blocks_B.0.ffn.down.weight")].abs().sum() > 0
 
 
@@ -124,7 +124,13 @@ def test_ef_segments_geometry(s: int, o: int) -> None:
             count[a:e] += 1
         assert count.min() >= 1, f"n={n}: [0, n) not covered by {segs}"
         assert count.max() <= 2, f"n={n}: a position in more than two segments: {segs}"
-        assert len(segs) == (1 if n <= s else -(-(n - o) // (s - o)))
+        assert len(segs) == -(-n // (s - o))  # revision 2: every segment starting before n exists
+        # Prefix consistency of the layout: the segments holding p do not depend on n.
+        for p in range(n):
+            assert [k for k, (a, e) in enumerate(segs) if a <= p < e] == \
+                [k for k in range(p // (s - o) + 1) if k * (s - o) <= p < k * (s - o) + s]
+        old = ef_segments(n, s, o, drop_overlap_tail=True)  # revision 1's count, for fractional layouts
+        assert len(old) == (1 if n <= s else -(-(n - o) // (s - o))) and old == segs[:len(old)]
     with pytest.raises(ValueError):
         ef_segments(10, 4, 2)  # overlap must be < S/2
 
@@ -132,7 +138,7 @@ def test_ef_segments_geometry(s: int, o: int) -> None:
 @pytest.mark.parametrize("n", [10, 100, 1000])
 def test_reference_preset_two_segments(n: int) -> None:
     cfg = reference_cfg()
-    assert ef_segments(n, *cfg.segment_layout(n)) == [(0, 6 * n // 10), (4 * n // 10, n)]
+    assert cfg.ef_segments(n) == [(0, 6 * n // 10), (4 * n // 10, n)]
 
 
 def test_fractional_layout_keeps_two_segments() -> None:
@@ -140,9 +146,12 @@ def test_fractional_layout_keeps_two_segments() -> None:
     for n in range(2, 600):
         s, o = cfg.segment_layout(n)
         assert 0 <= o < s / 2 and s <= n
-        assert len(ef_segments(n, s, o)) == 2, f"n={n}: S={s} O={o}"
+        assert len(cfg.ef_segments(n)) == 2, f"n={n}: S={s} O={o}"
     assert cfg.segment_layout(1) == (1, 0)
-    assert modern_cfg().segment_layout(8) == (8, 0)  # N <= S: one segment spanning N
+    assert not cfg.prefix_consistent
+    # Tokens: the layout never depends on N (N <= T is one segment, T < N <= S already two).
+    assert modern_cfg().segment_layout(8) == (12, 3)
+    assert modern_cfg().ef_segments(8) == [(0, 8)] and modern_cfg().ef_segments(10) == [(0, 10), (9, 10)]
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
