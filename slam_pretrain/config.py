@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -184,8 +185,18 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+class _NonFinite(ConfigError):
+    """A float that is NaN or infinite (the message says so, whatever else the type allows)."""
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; return it converted (int -> float only)."""
+    """Check ``value`` against the annotation ``tp``; return it converted (int -> float only).
+
+    Floats must be finite wherever they appear: YAML's ``.nan``/``.inf`` (or ``nan`` / ``1e999``
+    on the command line) pass every ``<``/``>`` check in ``validate()`` and fail much later.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _NonFinite(f"{key}={value!r} is invalid: must be a finite number (not .nan or .inf)")
     origin = typing.get_origin(tp)
     err = ConfigError(f"{key}={value!r} is invalid: expected {_type_name(tp)}")
     if tp is Any:
@@ -209,6 +220,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 continue
             try:
                 return _coerce(value, a, key)
+            except _NonFinite:
+                raise
             except ConfigError:
                 pass
         raise err
@@ -236,9 +249,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return float(value)
         if isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
-                pass
+                raise err from None
+            return _coerce(number, tp, key)  # "nan" and "inf" parse too: checked again
         raise err
     if tp is str:
         if isinstance(value, str):
@@ -308,11 +322,14 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[li
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} not found: pass an existing YAML file, e.g. configs/tiny_cpu.yaml")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_text())
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
             raise ConfigError(f"config file {str(p)!r} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        if data is None:  # an empty file, or only comments: almost surely not what was meant
+            raise ConfigError(f"config file {str(p)!r} is empty (no sections): start from a preset such as "
+                              f"configs/tiny_cpu.yaml, or write '{{}}' to mean all defaults")
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections "
                               f"({', '.join(f.name for f in dataclasses.fields(Config))})")

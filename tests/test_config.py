@@ -101,3 +101,50 @@ def test_cli_dry_run_prints_resolved_config_and_summary():
     assert resolved["train"]["lr"] == pytest.approx(5e-4)
     assert resolved["model"]["d_model"] == 128
     assert "parameters" in summary.lower() and "flops" in summary.lower()
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite floats and empty files (issue 10, items 10 and 11).
+
+@pytest.mark.parametrize("section, key, text", [
+    ("train", "lr", ".nan"), ("train", "lr", ".inf"), ("train", "peak_flops", "-.inf"),  # Optional[float]
+    ("model", "dropout", ".NaN"), ("model", "overlap", ".nan"),  # Union[int, float]
+    ("data", "val_fraction", ".inf"), ("data", "max_corpus_mb", ".nan"),
+])
+def test_non_finite_floats_are_rejected_in_yaml(tmp_path, section, key, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(f"{section}:\n  {key}: {text}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert "\n" not in msg and f"{section}.{key}=" in msg and "finite" in msg and "c.yaml" in msg, msg
+
+
+@pytest.mark.parametrize("override", ["train.lr=nan", "train.lr=.inf", "train.lr=1e999", "train.lr=-inf",
+                                      "model.rope_theta=.nan", "train.peak_flops=inf"])
+def test_non_finite_floats_are_rejected_on_the_command_line(override):
+    with pytest.raises(ConfigError, match=rf"{override.split('=')[0]}=.* must be a finite number"):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n# and another\n", "---\n"])
+def test_empty_config_file_is_refused(tmp_path, text):
+    p = tmp_path / "empty.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=r"empty\.yaml' is empty"):
+        load_config(p)
+    q = tmp_path / "defaults.yaml"
+    q.write_text("{}\n")  # an explicit empty mapping means "all defaults"
+    assert load_config(q) == load_config(None)
+
+
+def test_cli_nan_and_empty_config_are_one_line(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing here yet\n")
+    for args, fragment in ((["--config", str(empty)], "is empty"),
+                           (["--config", "configs/tiny_cpu.yaml", "--set", "train.lr=.nan"], "train.lr=nan")):
+        r = run_cli("train", *args, "--set", f"run.out_dir={tmp_path / 'run'}")
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and fragment in lines[0], r.stderr
+        assert not (tmp_path / "run").exists()  # nothing written
