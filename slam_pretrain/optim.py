@@ -53,16 +53,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
-def param_group_names(model: nn.Module) -> dict[str, list[str]]:
-    """{"decay": [names], "no_decay": [names]}: what ``param_groups`` puts where (for docs/tests)."""
-    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    out: dict[str, list[str]] = {"decay": [], "no_decay": []}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            out["no_decay" if p.dim() < 2 or id(p) in embedding_ids else "decay"].append(name)
-    return out
-
-
 def build_optimizer(model: nn.Module, train: "TrainConfig") -> torch.optim.AdamW:
     """torch AdamW over ``param_groups`` (no fused/JIT kernels: the same code on CPU and GPU)."""
     return torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.lr,
