@@ -1,5 +1,6 @@
 # Two commands: `make demo` and `make test`. Both create .venv when it is missing and install the
-# package with the pinned versions in constraints.txt (torch==2.13.0 resolves to the local CPU wheel).
+# package with the pinned versions in constraints.txt (torch==2.13.0 resolves to the local CPU wheel),
+# with the optional extras hf (transformers) and eval (lm-evaluation-harness) that their tests need.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -10,7 +11,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,hf,eval]'
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -59,6 +59,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if getattr(args, "format", "safetensors") == "hf":
+        from slam_pretrain.downstream.hf_export import export_hf
+
+        out = export_hf(args.checkpoint, args.out, notify=lambda line: print(line, file=sys.stderr))
+        print(f"wrote {out}/ (Hugging Face: AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True))")
+        return 0
     from slam_pretrain.export import export_checkpoint, export_paths
 
     weights, config, tokenizer = export_paths(export_checkpoint(args.checkpoint, args.out))
@@ -103,9 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute the whole context for every token (the reference path; same tokens, slower)")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("export", help="consolidate a checkpoint into one safetensors file")
-    p.add_argument("--checkpoint", required=True, help="checkpoint dir (step_XXXXXXXX) or run out_dir")
-    p.add_argument("--out", required=True, help="output FILE.safetensors")
+    p = sub.add_parser("export", help="consolidate a checkpoint into one safetensors file or a Hugging Face folder")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint dir (step_XXXXXXXX) or run out_dir (--format hf: also a .safetensors export)")
+    p.add_argument("--out", required=True, help="output FILE.safetensors, or a directory with --format hf")
+    p.add_argument("--format", choices=("safetensors", "hf"), default="safetensors",
+                   help="safetensors (default): our own export; hf: a transformers folder (needs the 'hf' extra)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="prepare the stdlib dataset, train the tiny model, generate")
