@@ -1,8 +1,9 @@
 """``slam-pretrain`` command line: prepare, train, generate, export, demo.
 
-User mistakes (ConfigError, UserError, DataError, missing files) become one line on stderr and
-exit code 2; nothing else in the package calls ``sys.exit``. Heavy imports (DeepSpeed, MLflow,
-sentencepiece) happen inside the subcommands; a config error costs only the torch import that
+User mistakes (ConfigError, UserError, DataError, missing files, and OSErrors of writing: no
+space, read-only, permission denied) become one line on stderr and exit code 2; nothing else in
+the package calls ``sys.exit``. Heavy imports (DeepSpeed, MLflow, sentencepiece) happen inside
+the subcommands; a config error costs only the torch import that
 ``ModelConfig``'s module brings (~1.5 s).
 """
 
@@ -13,7 +14,7 @@ import os
 import sys
 from typing import Callable, Optional
 
-from slam_pretrain.errors import ConfigError, UserError
+from slam_pretrain.errors import WRITE_ERRNOS, ConfigError, UserError, write_error
 
 EXIT_USER_ERROR = 2
 
@@ -145,6 +146,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         return func(args)
     except _user_error_types() as e:
         print(f"slam-pretrain {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as e:  # a full disk or a read-only folder wherever it strikes: one line, not a traceback
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        print(f"slam-pretrain {args.command}: error: {write_error(e)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"slam-pretrain {args.command}: interrupted", file=sys.stderr)

@@ -96,6 +96,9 @@ class CheckpointConfig:
     interval: int = 100  # steps between checkpoints (0 = only at the end and on signals)
     keep_last: int = 2
     keep_every: int = 0  # also keep every M-th step's checkpoint forever (0 = none)
+    # Checked before resuming: every file's size against the checkpoint's files.json (size), also
+    # its sha256 (full: reads every byte once), or nothing (none).
+    verify: Literal["size", "full", "none"] = "size"
 
     def validate(self, prefix: str = "checkpoint") -> None:
         for key in ("interval", "keep_every"):

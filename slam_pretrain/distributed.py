@@ -273,6 +273,15 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def all_gather_object(obj: Any) -> list[Any]:
+    """``obj`` from every rank, in rank order (picklable objects; our own data only)."""
+    if not _active() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def destroy() -> None:
     """Tear the process group down (idempotent)."""
     global _INFO

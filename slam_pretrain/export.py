@@ -35,7 +35,7 @@ import torch
 import yaml
 
 from data_pipeline.storage import sha256_of
-from slam_pretrain.checkpoint import STEP_RE, find_latest, is_complete
+from slam_pretrain.checkpoint import STEP_RE, find_latest, is_complete, is_damage_error, verify_checkpoint
 from slam_pretrain.errors import UserError
 
 if TYPE_CHECKING:
@@ -84,9 +84,17 @@ def resolve_checkpoint(path: PathLike) -> Path:
         if not is_complete(p):
             raise UserError(f"checkpoint {str(p)!r} is incomplete (a save that did not finish?): pass "
                             "another checkpoints/step_XXXXXXXX directory or the run out_dir")
+        problem = verify_checkpoint(p)  # sizes against files.json: a truncated file is named here
+        if problem is not None:
+            raise UserError(f"checkpoint {str(p)!r} is damaged: {problem}; pass another checkpoint")
         return p
     for out_dir in ((p.parent, p) if p.name == "checkpoints" else (p,)):
-        latest = find_latest(out_dir)
+        skipped: list[tuple[Path, str]] = []
+        latest = find_latest(out_dir, on_skip=lambda c, why: skipped.append((c, why)))
+        if skipped:  # never an older model in place of the run's newest without saying so
+            older = f"; the newest intact one is {latest}: pass it explicitly" if latest else ""
+            raise UserError(f"checkpoint {skipped[0][0]} (the newest in {out_dir}) is damaged: "
+                            f"{skipped[0][1]}{older}")
         if latest is not None:
             return latest
     raise UserError(f"no checkpoint in {str(p)!r}: expected a checkpoints/step_XXXXXXXX directory or a "
@@ -173,7 +181,10 @@ def _consolidate(step_dir: Path, engine_meta: dict[str, Any]) -> dict[str, torch
             sd = consolidated_state_dict(step_dir / "engine", engine_meta)
     except UserError:
         raise
-    except Exception:
+    except Exception as e:
+        if is_damage_error(e):  # a file that verify_checkpoint could not catch (no files.json, same size)
+            raise UserError(f"checkpoint {step_dir} is damaged: reading its engine state failed "
+                            f"({str(e).strip().splitlines()[0][:160]})") from None
         sys.stderr.write(chatter.getvalue())
         raise
     return {_clean_name(k): v.detach().to(torch.float32).contiguous() for k, v in sd.items()}

@@ -42,20 +42,9 @@ def _manifest_location(cfg: Config) -> str:
     return str(path)
 
 
-def _resolve_resume(resume: str, ckpt_mgr: Any) -> Optional[Path]:
-    if resume == "never":
-        return None
-    if resume == "auto":
-        return ckpt_mgr.find_latest()
-    path = Path(resume)
-    if not path.is_dir():
-        raise UserError(f"--resume {resume!r}: no such checkpoint directory; use 'auto', 'never' or a "
-                        f"checkpoints/step_XXXXXXXX path")
-    return path
-
-
 def _export_final(latest: Optional[Path], out_dir: Path, tracker: Any) -> None:
-    """Consolidated safetensors of the final checkpoint, logged as the run's model artifact."""
+    """Consolidated safetensors of the final checkpoint (the one this run just wrote), logged as
+    the run's model artifact."""
     from slam_pretrain.export import export_checkpoint
 
     if latest is None:
@@ -93,15 +82,15 @@ def run_training(cfg: Config, resume: str = "auto") -> int:
     rank, world = dist_info.rank, dist_info.world_size
     main = dist_info.is_main
     out_dir = Path(cfg.run.out_dir)
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
     t = cfg.train
     grad_accum = grad_accum_steps(t, world)  # checked before the model is built; the engine agrees
+    # Creates out_dir and checks it is writable (one line if not) before anything is built.
+    ckpt = CheckpointManager(out_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every, dist_info,
+                             verify=cfg.checkpoint.verify)
 
     _seed_all(cfg.run.seed)
     model = SLAMv1LM(cfg.model)
     engine = build_engine(cfg, model, dist_info)
-    ckpt = CheckpointManager(out_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every, dist_info)
 
     kwargs = loader_kwargs(cfg.data)
     loader = build_loader(manifest, rank=rank, world_size=world, micro_batch_size=t.micro_batch_size,
@@ -122,7 +111,8 @@ def run_training(cfg: Config, resume: str = "auto") -> int:
     checksums = {"tokenizer_sha256": manifest.tokenizer_sha256,
                  "manifest_sha256": sha256_of(manifest_loc)}
     state = TrainerState()
-    resume_path = _resolve_resume(resume, ckpt)
+    # Verified; what belongs to another run (or a damaged/abandoned branch) is moved aside first.
+    resume_path = ckpt.resume_point(resume)
     if resume_path is not None:
         trainer_state, rank_state, _world_changed = ckpt.load(
             resume_path, engine, config=cfg, checksums=checksums)
@@ -142,13 +132,15 @@ def run_training(cfg: Config, resume: str = "auto") -> int:
         if tokenizer_path is not None:
             tracker.log_artifact(tokenizer_path)
 
+    saved: list[Path] = []  # what this run wrote: the final export and the done line name it
+
     def save(step: int) -> None:
         # The run may have been created in the background (server down at start): record its id.
         trainer.state.tracking_run_id = tracker.run_id or trainer.state.tracking_run_id
-        ckpt.save(step, engine,
-                  rank_state={"rng": capture_rng(), "loader": loader.state_dict()},
-                  trainer_state=trainer.state.to_dict(), config_yaml=cfg.to_yaml(),
-                  checksums=checksums, tokenizer_path=tokenizer_path)
+        saved[:] = [ckpt.save(step, engine,
+                              rank_state={"rng": capture_rng(), "loader": loader.state_dict()},
+                              trainer_state=trainer.state.to_dict(), config_yaml=cfg.to_yaml(),
+                              checksums=checksums, tokenizer_path=tokenizer_path)]
 
     callbacks: list = []
     if main:
@@ -174,20 +166,28 @@ def run_training(cfg: Config, resume: str = "auto") -> int:
         peak_measured=peak_src.startswith("measured"))
     if main:
         print(f"MFU peak: {peak / 1e12:.2f} TFLOP/s per device ({peak_src})", flush=True)
-    status = trainer.fit()
+    try:
+        status = trainer.fit()
+    except UserError:  # e.g. a checkpoint that could not be written (disk full): one line, run FAILED
+        if main:
+            tracker.finish("FAILED")
+        raise
+
+    def newest() -> Optional[Path]:
+        return saved[-1] if saved else resume_path
 
     if main:
         if status == "done":
-            _export_final(ckpt.find_latest(), out_dir, tracker)
+            _export_final(newest(), out_dir, tracker)
         tracker.finish("FINISHED" if status == "done" else "KILLED" if status == "signal" else "FAILED")
     if status == "bad_steps":
         if main:
             print(f"stopped: {t.max_bad_steps} consecutive non-finite steps at step {trainer.state.step}; "
-                  f"the last good checkpoint is {ckpt.find_latest()}", file=sys.stderr, flush=True)
+                  f"the last good checkpoint is {newest()}", file=sys.stderr, flush=True)
         destroy()
         return EXIT_BAD_STEPS
     if main:
-        latest = ckpt.find_latest()
+        latest = newest()
         if status == "signal":
             print(f"stopped by signal at step {trainer.state.step}; checkpoint {latest}", flush=True)
         else:

@@ -153,6 +153,10 @@ def after_kill(info: Any, out: str, tok: str) -> dict[str, Any]:
     r["kept"] = sorted(p.name for p in root.iterdir())
     r["latest_pointer"] = (root / "latest").read_text()
     r["files"] = sorted(p.name for p in (root / "step_00000007").iterdir())
+    step7 = root / "step_00000007"
+    r["files_json"] = json.loads((step7 / "files.json").read_text())
+    r["on_disk"] = {str(p.relative_to(step7).as_posix()): p.stat().st_size
+                    for p in step7.rglob("*") if p.is_file() and p.name != "files.json"}
     r["engine_json"] = json.loads((root / "step_00000007" / "engine.json").read_text())
     return r
 
@@ -192,8 +196,12 @@ def test_retention_and_layout(killed_run: dict[str, Any]) -> None:
     # Steps 1..7 written, keep_last=2 -> 6, 7; keep_every=3 -> 3, 6.
     assert r["kept"] == ["latest", "step_00000003", "step_00000006", "step_00000007"]
     assert r["latest_pointer"] == "step_00000007"
-    assert r["files"] == ["checksums.json", "config.yaml", "engine", "engine.json", "rank_00000.pt",
+    assert r["files"] == ["checksums.json", "config.yaml", "engine", "engine.json", "files.json", "rank_00000.pt",
                           "tokenizer.model", "trainer_state.json"]
+    # files.json: every other file with its size and sha256 (engine/ included).
+    listed = r["files_json"]["files"]
+    assert {k: v["size"] for k, v in listed.items()} == r["on_disk"]
+    assert any(k.startswith("engine/") for k in listed) and all(len(v["sha256"]) == 64 for v in listed.values())
     assert r["engine_json"] == {"name": "fsdp", "zero_stage": None, "world_size": 1, "precision": "fp32"}
 
 
@@ -228,8 +236,10 @@ def test_find_latest_rules(tmp_path: Path) -> None:
     latest = tmp_path / "checkpoints" / "latest"
     latest.write_text("step_00000009")  # points at nothing
     assert find_latest(tmp_path) == s2
-    latest.write_text("step_00000001")  # killed between the rename and the pointer update
-    assert find_latest(tmp_path) == s2
+    # ``latest`` is written before the rename that publishes, so it never lags behind this run's
+    # newest checkpoint: a higher step beside it is not this run's, and is never chosen over it.
+    latest.write_text("step_00000001")
+    assert find_latest(tmp_path) == s1
     latest.write_text("step_00000002")
     assert find_latest(tmp_path) == s2
     assert is_complete(s1) and not is_complete(tmp_path / "checkpoints" / "step_00000003")

@@ -240,6 +240,7 @@ def test_layout_revision_1_checkpoint_is_refused(checkpoint_run: tuple[Path, Pat
     cfg = yaml.safe_load((old / "config.yaml").read_text())
     assert cfg["model"].pop("layout_revision") == 2  # what a revision-2 checkpoint records
     (old / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    (old / "files.json").unlink()  # revision-1 checkpoints predate files.json (else: a damaged config.yaml)
     for args in (("generate", "--checkpoint", str(old), "--input", "hi"),
                  ("export", "--checkpoint", str(old), "--out", str(tmp_path / "m.safetensors"))):
         r = _cli(*args)
