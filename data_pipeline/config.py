@@ -12,12 +12,18 @@ class DataConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    # Each entry: "stdlib", or a mapping {path: ..., weight: 1.0, text_field: "text"}; a mapping
-    # whose path is "stdlib" is the embedded stdlib source with a weight (use ./stdlib for a folder).
-    # Weights are shares of the written text (see data_pipeline/sources.py).
+    # Each entry: "stdlib", a mapping {path: ..., weight: 1.0, text_field: "text", filters: [...]}
+    # (txt, jsonl, jsonl.gz, parquet files, folders, globs), or a Hugging Face dataset
+    # {hf: NAME_OR_LOCAL_PATH, split: train, subset: ..., revision: ..., data_files: ...,
+    # streaming: true, text_field, filters, weight}. A mapping whose path is "stdlib" is the embedded
+    # stdlib source with a weight (use ./stdlib for a folder). Weights are shares of the written
+    # text; filters are [column, op, value] rows (see data_pipeline/sources.py).
     sources: list[Any] = field(default_factory=lambda: ["stdlib"])
     dataset_dir: str = "data/stdlib"  # tokenizer, shards and manifest.json go here
     seq_len: int = 256
+    # An existing tokenizer instead of training one: a SentencePiece .model file or a Hugging Face
+    # tokenizer.json. Its vocabulary size must equal model.vocab_size; special ids come from it.
+    tokenizer: Optional[str] = None
     tokenizer_type: Literal["bpe", "unigram"] = "bpe"
     tokenizer_sample_mb: float = 8.0  # bounded, seeded sample of the corpus for tokenizer training
     shard_size_mb: float = 8.0
@@ -43,18 +49,7 @@ class DataConfig:
         for i, src in enumerate(self.sources):
             if src == "stdlib":
                 continue
-            if not isinstance(src, dict) or "path" not in src:
-                raise bad(f"sources[{i}]", src, "must be 'stdlib' or a mapping with a 'path' key")
-            unknown = set(src) - {"path", "weight", "text_field"}
-            if unknown:
-                raise bad(f"sources[{i}]", src, f"unknown keys {sorted(unknown)}; valid: path, weight, text_field")
-            weight = src.get("weight", 1.0)
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
-                raise bad(f"sources[{i}].weight", weight, "must be a positive number")
-            if not isinstance(src["path"], str) or not src["path"]:
-                raise bad(f"sources[{i}].path", src["path"], "must be a non-empty path, directory or glob")
-            if not isinstance(src.get("text_field", "text"), str):
-                raise bad(f"sources[{i}].text_field", src.get("text_field"), "must be a string (a JSON key)")
+            _check_source(src, f"sources[{i}]", bad)
         if self.seq_len <= 0:
             raise bad("seq_len", self.seq_len, "must be a positive integer")
         if self.tokenizer_sample_mb <= 0:
@@ -77,3 +72,50 @@ class DataConfig:
             raise bad("verify_shards", self.verify_shards, "must be one of 'size', 'full', 'none'")
         if not self.dataset_dir:
             raise bad("dataset_dir", self.dataset_dir, "must be a non-empty path or http(s) URL")
+        if self.tokenizer is not None and (not isinstance(self.tokenizer, str) or not self.tokenizer):
+            raise bad("tokenizer", self.tokenizer, "must be null (train one) or the path of a SentencePiece "
+                      ".model or a Hugging Face tokenizer.json")
+
+
+FILE_SOURCE_KEYS = ("path", "weight", "text_field", "filters")
+HF_SOURCE_KEYS = ("hf", "weight", "text_field", "filters", "split", "subset", "revision", "data_files", "streaming")
+FILTER_OPS = ("==", "!=", "<", "<=", ">", ">=", "in", "not in")
+
+
+def _check_source(src: Any, key: str, bad: Any) -> None:
+    """Validate one mapping entry of data.sources (a file source or a Hugging Face dataset)."""
+    if not isinstance(src, dict) or ("path" not in src) == ("hf" not in src):
+        raise bad(key, src, "must be 'stdlib' or a mapping with a 'path' key (files) or an 'hf' key "
+                  "(a Hugging Face dataset name or local path)")
+    valid = FILE_SOURCE_KEYS if "path" in src else HF_SOURCE_KEYS
+    unknown = set(src) - set(valid)
+    if unknown:
+        raise bad(key, src, f"unknown keys {sorted(unknown)}; valid: {', '.join(valid)}")
+    weight = src.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+        raise bad(f"{key}.weight", weight, "must be a positive number")
+    where = "path" if "path" in src else "hf"
+    if not isinstance(src[where], str) or not src[where]:
+        raise bad(f"{key}.{where}", src[where], "must be a non-empty path, directory or glob" if where == "path"
+                  else "must be a dataset name (org/name) or a local folder")
+    if not isinstance(src.get("text_field", "text"), str) or not src.get("text_field", "text"):
+        raise bad(f"{key}.text_field", src.get("text_field"), "must be a string (a JSON key or a column name)")
+    for k in ("split", "subset", "revision"):
+        if k in src and (not isinstance(src[k], str) or not src[k]):
+            raise bad(f"{key}.{k}", src[k], "must be a non-empty string")
+    if "streaming" in src and not isinstance(src["streaming"], bool):
+        raise bad(f"{key}.streaming", src["streaming"], "must be true or false")
+    files = src.get("data_files")
+    if files is not None and not (isinstance(files, str) or (isinstance(files, list) and files
+                                                             and all(isinstance(f, str) for f in files))):
+        raise bad(f"{key}.data_files", files, "must be a path/glob or a list of them")
+    filters = src.get("filters", [])
+    if not isinstance(filters, list):
+        raise bad(f"{key}.filters", filters, "must be a list of [column, op, value] rows")
+    for j, f in enumerate(filters):
+        ok = isinstance(f, list) and len(f) == 3 and isinstance(f[0], str) and f[1] in FILTER_OPS
+        if ok and f[1] in ("in", "not in"):
+            ok = isinstance(f[2], list) and bool(f[2])
+        if not ok:
+            raise bad(f"{key}.filters[{j}]", f, f"must be [column, op, value] with op one of {', '.join(FILTER_OPS)} "
+                      "(a non-empty list value for in / not in; quote '>=' and the like in YAML)")

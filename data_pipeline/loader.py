@@ -300,7 +300,8 @@ class TokenLoader:
         cache = Path(cache_dir) if cache_dir else default_cache_dir(manifest)
         self._source = _RowSource(kept, split, manifest.row_format, cache, check_crc=verify != "none",
                                   skip_corrupt=skip_corrupt)
-        self.pad_id = int(manifest.tokenizer.get("pad_id", 0))
+        pad = manifest.tokenizer.get("pad_id", 0)
+        self.pad_id = -1 if pad is None else int(pad)  # None: no pad token, no padded row (tail dropped)
         self._position = 0
         self._active: Optional[weakref.ref] = None  # weak: no loader <-> generator cycle
         self.wait_time_s = 0.0  # cumulative time the consumer waited in next(); see pop_wait_time()
@@ -400,8 +401,8 @@ class TokenLoader:
         labels = np.empty((b, width - 1), dtype=np.int64)
         inputs[...] = data[:, :-1]  # widen and shift in one pass each
         labels[...] = data[:, 1:]
-        padded = np.nonzero(data[:, -1] == self.pad_id)[0]  # only a split's last row ends with pads
-        for i in padded.tolist():
+        padded = np.nonzero(data[:, -1] == self.pad_id)[0] if self.pad_id >= 0 else ()  # a split's last row
+        for i in list(padded):
             labels[i][labels[i] == self.pad_id] = IGNORE_INDEX
         batch = {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(labels)}
         if self.pin_memory:

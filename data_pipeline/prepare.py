@@ -1,23 +1,34 @@
-"""``slam-pretrain prepare``: corpus -> SentencePiece -> packed WebDataset shards + manifest.
+"""``slam-pretrain prepare``: corpus -> tokenizer -> packed WebDataset shards + manifest.
 
 Steps (each with a progress bar on a terminal, periodic lines otherwise):
-1. scan: read every source once (sizes, document counts, undecodable bytes; ``max_corpus_mb``).
-2. plan: seeded per-document decisions (mixing copies, validation hold-out) and the tokenizer
-   training sample (a seeded ~``tokenizer_sample_mb`` of training documents, large documents
+1. scan: read every source once, unit by unit (sizes, document counts, undecodable bytes;
+   ``max_corpus_mb``). Units are files, Parquet row groups, row ranges or shards of a Hugging
+   Face dataset (``data_pipeline/sources.py``); Arrow-backed units are measured vectorized.
+2. tokenizer: an existing one (``data.tokenizer``: a SentencePiece .model or a Hugging Face
+   tokenizer.json, copied into the dataset), or SentencePiece (BPE or unigram, byte fallback,
+   lossless) trained on a seeded ~``tokenizer_sample_mb`` of training documents (large documents
    sampled chunk by chunk, cut into lines).
-3. tokenizer: SentencePiece (BPE or unigram, byte fallback, lossless), ``tokenizer.model``.
-4. encode + write: documents are encoded in parallel (``encode_procs`` processes x
-   ``encode_threads`` sentencepiece threads), EOS appended per document, packed into rows of
-   ``seq_len + 1`` tokens with a stride of ``seq_len`` (row k = tokens[k*L : k*L + L + 1]: every
-   token is a target exactly once; the last row of a split is padded with pad_id, whose labels
-   the loader masks), and written as shards of ``shard_size_mb``.
-5. manifest.json, last.
+3. encode + write: seeded per-document decisions (mixing copies, validation hold-out), documents
+   encoded in parallel (``encode_procs`` processes x ``encode_threads`` threads), EOS appended per
+   document, packed into rows of ``seq_len + 1`` tokens with a stride of ``seq_len`` (row k =
+   tokens[k*L : k*L + L + 1]: every token is a target exactly once; the last row of a split is
+   padded with pad_id, whose labels the loader masks, or dropped when the tokenizer has no pad
+   token), and written as shards of ``shard_size_mb``.
+4. manifest.json, last.
 
-Atomic and idempotent: shards, tokenizer and manifest are written to ``*.tmp`` names and renamed,
-the manifest last, so a crash leaves no manifest and no half-written shard under a final name. A
-folder lock serializes concurrent runs. Re-running with the same inputs (settings + source file
-names, sizes and mtimes) does nothing and says so; different inputs into the same folder are an
-error naming what differs.
+Distributed (``prepare --part I/N`` on N machines, then ``prepare --merge``): the first part to
+start runs steps 1-2 under the folder lock and leaves them in ``parts/plan.json`` (the others wait
+and reuse it); part I encodes a contiguous run of units (cut by text bytes) into raw token files
+``parts/part-IIIII-of-NNNNN.{train,val}.tokens`` and finishes with a ``.json`` marker; ``--merge``
+checks every part is complete (naming the missing ones), packs the token streams in part order and
+writes the shards and the manifest, then removes ``parts/``. The token stream is the same
+concatenation of documents whatever N is, so the shards are byte-identical to a one-process build.
+
+Atomic and idempotent: shards, tokenizer, plan, part files and manifest are written to ``*.tmp``
+names and renamed, the manifest last, so a crash leaves no manifest and no half-written shard under
+a final name; a killed part leaves no marker and is simply run again. A folder lock serializes
+concurrent builds. Re-running with the same inputs (settings + source file names, sizes and mtimes)
+does nothing and says so; different inputs into the same folder are an error naming what differs.
 """
 
 from __future__ import annotations
@@ -29,15 +40,17 @@ import json
 import os
 import re
 import resource
+import shutil
+import socket
 import threading
 import time
 from collections import deque
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -49,16 +62,35 @@ from data_pipeline.progress import Reporter
 from data_pipeline.shards import RowFormat, ShardWriter, dtype_for_vocab
 from data_pipeline.sources import DecodeStats, copies_for, mixing_rates, resolve_sources, unit_hash
 from data_pipeline.storage import is_url
-from data_pipeline.tokenizer import (BOS_ID, EOS_ID, MAX_TRAIN_CHARS, PAD_ID, UNK_ID, Tokenizer, train_sentencepiece,
-                                     training_lines)
+from data_pipeline.tokenizer import (BOS_ID, EOS_ID, HF_SPECIAL_NAMES, MAX_TRAIN_CHARS, PAD_ID, UNK_ID, Tokenizer,
+                                     train_sentencepiece, training_lines)
 
 MB = 1e6  # sizes in the config and the summary are decimal megabytes
 TOKENIZER_NAME = "tokenizer.model"
-_OWN_FILE = re.compile(r"^((train|val)-\d{6}\.tar|tokenizer\.model|manifest\.json)(\.tmp.*)?$")
+HF_TOKENIZER_NAME = "tokenizer.json"
+PARTS_DIR = "parts"
+PLAN_NAME = "plan.json"
+PLAN_VERSION = 1
+MERGE_CHUNK_TOKENS = 1 << 23  # tokens read from a part file at a time by --merge
+_OWN_FILE = re.compile(r"^((train|val)-\d{6}\.tar|tokenizer\.model|tokenizer\.json|manifest\.json)(\.tmp.*)?$")
+_PART_FILE = re.compile(r"^part-(\d{5})-of-(\d{5})\.json$")
 
 
-def prepare_from_config(data_cfg: DataConfig, vocab_size: int, *, quiet: bool = False) -> Path:
-    """Build (or confirm) the dataset described by ``data_cfg``; returns the manifest path."""
+def parse_part(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> (I, N) with 0 <= I < N; DataError (one line) otherwise."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text or "")
+    if not m or not 0 <= int(m.group(1)) < int(m.group(2)) <= 99999:
+        raise DataError(f"--part {text!r} is invalid: use I/N with 0 <= I < N <= 99999 (part I of N, counted from 0)")
+    return int(m.group(1)), int(m.group(2))
+
+
+def prepare_from_config(data_cfg: DataConfig, vocab_size: int, *, quiet: bool = False,
+                        part: Optional[tuple[int, int]] = None, merge: bool = False) -> Path:
+    """Build (or confirm) the dataset described by ``data_cfg``; returns the manifest path.
+
+    ``part=(I, N)``: encode only part I of N (returns its marker, or the manifest when the dataset
+    is already complete); ``merge=True``: assemble the parts into shards and the manifest.
+    """
     try:
         data_cfg.validate("data")
     except DataConfigError as e:
@@ -66,15 +98,20 @@ def prepare_from_config(data_cfg: DataConfig, vocab_size: int, *, quiet: bool = 
     if is_url(data_cfg.dataset_dir):
         raise DataError(f"data.dataset_dir={data_cfg.dataset_dir!r} is a URL: prepare writes a local folder "
                         "(serve that folder over HTTP afterwards)")
-    if not 256 + 4 < vocab_size <= 2**32:
+    if data_cfg.tokenizer is None and not 256 + 4 < vocab_size <= 2**32:
         raise DataError(f"model.vocab_size={vocab_size} is invalid: byte fallback needs > 260 ids")
+    if part is not None and merge:
+        raise DataError("--part and --merge are two steps: run every --part I/N first, then --merge once")
     out = Path(data_cfg.dataset_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"data.dataset_dir={str(out)!r} cannot be created ({e.strerror or e})") from None
+    build = _Build(data_cfg, vocab_size, out, Reporter(quiet=quiet))
+    if part is not None:
+        return build.run_part(*part)
     with _folder_lock(out):
-        return _Build(data_cfg, vocab_size, out, Reporter(quiet=quiet)).run()
+        return build.run_merge() if merge else build.run()
 
 
 @contextmanager
@@ -88,10 +125,21 @@ def _folder_lock(out: Path) -> Iterator[None]:
 
 
 def auto_parallelism(procs: Optional[int], threads: Optional[int]) -> tuple[int, int]:
-    """(processes, sentencepiece threads per process) filling the cores this process may use."""
+    """(processes, tokenizer threads per process) filling the cores this process may use."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     t = threads or min(4, cores)
     return (procs or max(1, cores // t)), t
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Atomically: tmp file, fsync, rename."""
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,10 +148,11 @@ def auto_parallelism(procs: Optional[int], threads: Optional[int]) -> tuple[int,
 _worker_tok: Optional[Tokenizer] = None
 
 
-def _init_worker(model_bytes: bytes, parent_pid: Optional[int] = None) -> None:
+def _init_worker(model_bytes: bytes, parent_pid: Optional[int] = None, threads: int = 1) -> None:
     global _worker_tok
     if parent_pid is not None:
         die_with_parent(parent_pid)  # a killed `prepare` leaves no encoder behind
+    os.environ.setdefault("RAYON_NUM_THREADS", str(threads))  # a Hugging Face tokenizer's thread pool
     _worker_tok = Tokenizer(model_bytes=model_bytes)
 
 
@@ -120,8 +169,8 @@ def _encode_task(texts: list[str], copies: list[int], threads: int, dtype: str) 
 class _Packer:
     """Cuts a split's token stream into rows [n, L+1] with stride L (one token overlap)."""
 
-    def __init__(self, seq_len: int, writer: ShardWriter, dtype: str):
-        self.L, self.writer = seq_len, writer
+    def __init__(self, seq_len: int, writer: ShardWriter, dtype: str, pad_id: Optional[int]):
+        self.L, self.writer, self.pad_id = seq_len, writer, pad_id
         self.buf = np.zeros(0, dtype=dtype)
         self.pads = 0
 
@@ -135,8 +184,10 @@ class _Packer:
         self.buf = buf
 
     def finish(self) -> None:
-        if self.buf.size >= 2:  # targets left: one last row, padded (the loader masks pad labels)
-            row = np.full(self.L + 1, PAD_ID, dtype=self.buf.dtype)
+        # Targets left: one last row, padded (the loader masks pad labels); without a pad token
+        # (an existing tokenizer may have none) the partial row is dropped instead.
+        if self.buf.size >= 2 and self.pad_id is not None:
+            row = np.full(self.L + 1, self.pad_id, dtype=self.buf.dtype)
             row[:self.buf.size] = self.buf
             self.pads = self.L + 1 - self.buf.size
             self.writer.add(row[None])
@@ -156,6 +207,18 @@ class _SplitStats:
     documents: int = 0
     text_bytes: int = 0
     tokens_in: int = 0  # tokens encoded (with EOS), before packing
+
+
+@dataclass
+class _UnitPlan:
+    """A unit of a source that contributes documents: its global first document index and count."""
+
+    source: int
+    index: int
+    key: str
+    first_doc: int
+    docs: int
+    text_bytes: int
 
 
 @dataclass
@@ -184,15 +247,24 @@ class _Build:
         self.fmt = RowFormat(cfg.seq_len + 1, self.dtype)
         self.procs, self.threads = auto_parallelism(cfg.encode_procs, cfg.encode_threads)
         self.t = _Timings()
+        self.parts = 1
+        self.sources = resolve_sources(self.cfg.sources)
+        self.given = self._read_given_tokenizer() if cfg.tokenizer else None
+        self.settings = self._settings()
+        self.fingerprint = self._fingerprint(self.settings)
 
     # -- inputs and idempotency ------------------------------------------------------------------
 
     def _settings(self) -> dict[str, Any]:
         c = self.cfg
-        return {"format_version": mf.VERSION, "sources": [s.describe() for s in self.sources],
-                "vocab_size": self.vocab_size, "seq_len": c.seq_len, "tokenizer_type": c.tokenizer_type,
-                "tokenizer_sample_mb": c.tokenizer_sample_mb, "shard_size_mb": c.shard_size_mb,
-                "val_fraction": c.val_fraction, "seed": c.seed, "max_corpus_mb": c.max_corpus_mb}
+        out = {"format_version": mf.VERSION, "sources": [s.describe() for s in self.sources],
+               "vocab_size": self.vocab_size, "seq_len": c.seq_len, "tokenizer_type": c.tokenizer_type,
+               "tokenizer_sample_mb": c.tokenizer_sample_mb, "shard_size_mb": c.shard_size_mb,
+               "val_fraction": c.val_fraction, "seed": c.seed, "max_corpus_mb": c.max_corpus_mb}
+        if self.given is not None:  # only then: fingerprints of trained-tokenizer builds stay as they were
+            del out["tokenizer_type"], out["tokenizer_sample_mb"]
+            out["tokenizer"] = {"path": c.tokenizer, "sha256": self.given.sha256}
+        return out
 
     def _fingerprint(self, settings: dict[str, Any]) -> str:
         h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
@@ -200,7 +272,7 @@ class _Build:
             h.update(s.fingerprint().encode())
         return h.hexdigest()
 
-    def _existing(self, fingerprint: str, settings: dict[str, Any]) -> Optional[Path]:
+    def _existing(self) -> Optional[Path]:
         path = self.out / mf.MANIFEST_NAME
         if not path.exists():
             return None
@@ -210,9 +282,9 @@ class _Build:
         except (OSError, ValueError, KeyError, TypeError):
             raise DataError(f"{path} exists but is not a slam-pretrain manifest: use an empty "
                             "data.dataset_dir or delete that file") from None
-        if old_build.get("fingerprint") != fingerprint:
+        if old_build.get("fingerprint") != self.fingerprint:
             old_set = old_build.get("settings", {})
-            diffs = [f"{k}: {old_set.get(k)!r} -> {v!r}" for k, v in settings.items() if old_set.get(k) != v]
+            diffs = [f"{k}: {old_set.get(k)!r} -> {v!r}" for k, v in self.settings.items() if old_set.get(k) != v]
             what = "; ".join(d if len(d) < 160 else d[:157] + "..." for d in diffs) or "the source files changed"
             raise DataError(f"data.dataset_dir={str(self.out)!r} already holds a dataset built from other "
                             f"inputs ({what}): choose another data.dataset_dir or delete {self.out}")
@@ -237,19 +309,60 @@ class _Build:
                     return f"{s['url']} missing or truncated"
         return None
 
-    def _clean(self) -> None:
+    def _clean(self, keep_tokenizer: bool = False) -> None:
         """Remove what a crashed or older build left (only files this module names)."""
         for p in self.out.iterdir():
             if p.is_file() and _OWN_FILE.match(p.name):
+                if keep_tokenizer and p.name in (TOKENIZER_NAME, HF_TOKENIZER_NAME):
+                    continue
                 p.unlink()
+
+    # -- the tokenizer ------------------------------------------------------------------------
+
+    def _read_given_tokenizer(self) -> Tokenizer:
+        """``data.tokenizer``, checked: readable, an EOS token, the vocabulary size of the model."""
+        path = Path(self.cfg.tokenizer).expanduser()
+        key = f"data.tokenizer={self.cfg.tokenizer!r}"
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise DataError(f"{key} cannot be read ({e.strerror or e}): give a SentencePiece .model or a "
+                            "Hugging Face tokenizer.json") from None
+        tok = Tokenizer(path, model_bytes=data)
+        if tok.eos_id < 0:
+            looked = ", ".join(HF_SPECIAL_NAMES["eos"]) if tok.kind == "hf" else "its eos_id"
+            raise DataError(f"{key} has no end-of-text token (looked for {looked}): prepare separates "
+                            "documents with EOS")
+        if tok.vocab_size != self.vocab_size:
+            raise DataError(f"{key} has {tok.vocab_size:,} tokens but model.vocab_size={self.vocab_size}: set "
+                            f"model.vocab_size={tok.vocab_size}")
+        return tok
+
+    def _install_given_tokenizer(self) -> Tokenizer:
+        tok = self.given
+        assert tok is not None
+        path = self.out / (HF_TOKENIZER_NAME if tok.kind == "hf" else TOKENIZER_NAME)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(tok.model_bytes)
+        os.replace(tmp, path)
+        self.rep.log(f"tokenizer: {self.cfg.tokenizer} ({tok.kind}, {tok.model_type}, vocab {tok.vocab_size:,}, "
+                     f"eos {tok.eos_id}, pad {tok.pad_id if tok.pad_id >= 0 else 'none: the last partial row is dropped'})")
+        return Tokenizer(path)
+
+    @property
+    def pad_id(self) -> Optional[int]:
+        if self.given is None:
+            return PAD_ID
+        return self.given.pad_id if self.given.pad_id >= 0 else None
 
     # -- passes ------------------------------------------------------------------------------
 
-    def _scan(self) -> list[_SourceStats]:
-        """Sizes and document counts per source, honouring max_corpus_mb (each source's share)."""
+    def _scan(self) -> None:
+        """Document counts and text bytes per unit and source, honouring max_corpus_mb (each source's
+        share: a source stops at the first document that would pass its share)."""
         cap = self.cfg.max_corpus_mb
         wsum = sum(s.weight for s in self.sources)
-        stats = []
+        self.source_stats, self.units = [], []
         total_disk = sum(s.disk_bytes() for s in self.sources)
         DecodeStats.bad_bytes = DecodeStats.bad_docs = 0
         DecodeStats.first_culprit = None
@@ -257,24 +370,36 @@ class _Build:
             for s in self.sources:
                 st = _SourceStats()
                 limit = cap * MB * s.weight / wsum if cap else float("inf")
-                for text in s.documents():
-                    nb = len(text.encode("utf-8"))
-                    if st.documents and st.text_bytes + nb > limit:
-                        break
-                    st.documents += 1
+                for u in s.units():
+                    lengths = s.unit_lengths(u)
+                    take, nb = len(lengths), sum(lengths)
+                    full = bool(cap) and st.text_bytes + nb > limit
+                    if full:
+                        take, nb = 0, 0
+                        for n in lengths:
+                            if (st.documents + take) and st.text_bytes + nb + n > limit:
+                                break
+                            take, nb = take + 1, nb + n
+                    if take:
+                        self.units.append(_UnitPlan(s.index, u.index, u.key, st.documents, take, nb))
+                    st.documents += take
                     st.text_bytes += nb
                     bar.update(nb)
+                    if full:
+                        break
                 if not st.documents:
                     raise DataError(f"{s.key} ({s.path!r}) holds no text: every document is empty")
-                stats.append(st)
+                self.source_stats.append(st)
         self.decode_errors = (DecodeStats.bad_bytes, DecodeStats.bad_docs, DecodeStats.first_culprit)
-        return stats
+        self.rates = mixing_rates([st.text_bytes for st in self.source_stats], [s.weight for s in self.sources])
 
-    def _decisions(self) -> Iterator[tuple[str, int, str, int, int]]:
+    def _decisions(self, units: list[_UnitPlan]) -> Iterator[tuple[str, int, str, int, int]]:
         """(split, copies, text, source index, document index) for every written document, in order."""
         seed, vf = self.cfg.seed, self.cfg.val_fraction
-        for s, st, rate in zip(self.sources, self.source_stats, self.rates):
-            for j, text in enumerate(islice(s.documents(), st.documents)):
+        for up in units:
+            s, rate = self.sources[up.source], self.rates[up.source]
+            docs = islice(s.unit_documents(s.units()[up.index]), up.docs)
+            for j, text in enumerate(docs, up.first_doc):
                 copies = copies_for(rate, unit_hash(seed, "mix", s.index, j))
                 if copies == 0:
                     continue
@@ -283,8 +408,8 @@ class _Build:
                 else:
                     yield "train", copies, text, s.index, j
 
-    def _plan(self) -> list[str]:
-        """Count what each split will get and collect the tokenizer sample (lines).
+    def _sample(self) -> list[str]:
+        """The tokenizer sample (lines).
 
         Each training document is in the sample with probability q x its source's rate (q =
         sample size / corpus size). A document longer than ``chunk`` (1/16 of the sample) is
@@ -292,25 +417,19 @@ class _Build:
         60 MB single line) then gives about its share, not all or nothing, so a sample is never
         empty for a corpus that has text.
         """
-        self.split_stats = {"train": _SplitStats(), "val": _SplitStats()}
         total = sum(st.text_bytes for st in self.source_stats)
         q = self.cfg.tokenizer_sample_mb * MB / max(1, total)
         chunk = int(max(MAX_TRAIN_CHARS, self.cfg.tokenizer_sample_mb * MB / 16))
         sample: list[str] = []
-        sampled = 0
+        sampled = train_docs = 0
         first = ""  # the first training text: the sample if the draw leaves it empty
         with self.rep.bar("plan + tokenizer sample", total=total) as bar:
-            for split, copies, text, src, j in self._decisions():
+            for split, copies, text, src, j in self._decisions(self.units):
                 nb = len(text.encode("utf-8"))
-                sp = self.split_stats[split]
-                sp.documents += copies
-                sp.text_bytes += nb * copies
-                ss = self.source_stats[src]
-                ss.written_documents += copies
-                ss.written_bytes += nb * copies
                 bar.update(nb)
                 if split != "train":
                     continue
+                train_docs += 1
                 first = first or text[:chunk]
                 # Sample rate follows the mix (a 2x source is twice as likely), each document once.
                 p = q * self.rates[src]
@@ -324,7 +443,7 @@ class _Build:
                         piece = text[k:k + chunk]
                         sample.append(piece)
                         sampled += len(piece.encode("utf-8"))
-        if not self.split_stats["train"].documents:
+        if not train_docs:
             raise DataError("data.sources hold no training text after mixing and the validation hold-out")
         if not sample:
             sample, sampled = [first], len(first.encode("utf-8"))
@@ -358,31 +477,41 @@ class _Build:
         os.replace(tmp, path)
         return Tokenizer(path)
 
-    def _encode_and_write(self, tok: Tokenizer) -> dict[str, ShardWriter]:
-        fmt, L = self.fmt, self.cfg.seq_len
-        rows_per_shard = max(1, int(self.cfg.shard_size_mb * MB // fmt.record_bytes))
-        total_text = sum(s.text_bytes for s in self.split_stats.values())
-        # The encode bar carries the percentage and ETA; the writing bar shows amount and rate only
-        # (an output-size estimate from the tokenizer sample ran past 100% on real corpora).
-        enc_bar = self.rep.bar(f"encode ({self.procs} proc x {self.threads} threads)", total=total_text)
-        wr_bar = self.rep.bar("write shards", total=None, position=1)
-        writers = {split: ShardWriter(self.out, split, fmt, rows_per_shard, on_write=wr_bar.update)
-                   for split in ("train", "val")}
-        packers = {split: _Packer(L, w, self.dtype) for split, w in writers.items()}
+    def _make_plan(self) -> Tokenizer:
+        """Steps 1-2: scan, rates, the tokenizer (trained or the given one)."""
+        with self.t.stage("scan_s"):
+            self._scan()
+        if self.given is not None:
+            return self._install_given_tokenizer()
+        with self.t.stage("plan_s"):
+            lines = self._sample()
+        with self.t.stage("tokenizer_s"):
+            return self._train_tokenizer(lines)
+
+    # -- encoding -------------------------------------------------------------------------------
+
+    def _encode(self, tok: Tokenizer, units: list[_UnitPlan], sink: Callable[[str, np.ndarray], None]) -> None:
+        """Encode the documents of ``units`` in order; ``sink(split, tokens)`` gets each split's
+        token stream in order. Fills split_stats and the per-source written counts."""
+        self.split_stats = {"train": _SplitStats(), "val": _SplitStats()}
+        self.written = [[0, 0] for _ in self.sources]  # documents, text bytes per source
+        total_text = sum(up.text_bytes for up in units)
         task_bytes = int(min(8 * MB, max(256_000, total_text // (8 * self.procs))))
+        enc_bar = self.rep.bar(f"encode ({self.procs} proc x {self.threads} threads)", total=total_text)
         executor: Executor
         if self.procs == 1:
-            _init_worker(tok.model_bytes)  # one background thread; sentencepiece threads inside
+            os.environ.setdefault("RAYON_NUM_THREADS", str(self.threads))
+            _init_worker(tok.model_bytes)  # one background thread; tokenizer threads inside
             executor = ThreadPoolExecutor(1)
         else:
             import multiprocessing as mp
 
             # fork: instant start, and no re-import of the caller's __main__ (spawn would re-run a
-            # script without an `if __name__ == "__main__"` guard). The children only run
-            # sentencepiece and numpy.
+            # script without an `if __name__ == "__main__"` guard). The children only run the
+            # tokenizer and numpy.
             method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-            executor = ProcessPoolExecutor(self.procs, mp_context=mp.get_context(method),
-                                           initializer=_init_worker, initargs=(tok.model_bytes, os.getpid()))
+            executor = ProcessPoolExecutor(self.procs, mp_context=mp.get_context(method), initializer=_init_worker,
+                                           initargs=(tok.model_bytes, os.getpid(), self.threads))
         depth = 2 * self.procs
         inflight: deque = deque()
 
@@ -391,34 +520,51 @@ class _Build:
                 split, nbytes, fut = inflight.popleft()
                 tokens = fut.result()
                 self.split_stats[split].tokens_in += tokens.size
-                packers[split].add(tokens)
+                sink(split, tokens)
                 enc_bar.update(nbytes)
 
         try:
-            with wr_bar, enc_bar:  # closes the encode bar first
+            with enc_bar:
                 batch: dict[str, tuple[list[str], list[int], list[int]]] = {"train": ([], [], [0]), "val": ([], [], [0])}
-                for split, copies, text, _, _ in self._decisions():
-                    texts, cps, nb = batch[split]
+                for split, copies, text, src, _ in self._decisions(units):
+                    nb = len(text.encode("utf-8"))
+                    sp = self.split_stats[split]
+                    sp.documents += copies
+                    sp.text_bytes += nb * copies
+                    self.written[src][0] += copies
+                    self.written[src][1] += nb * copies
+                    texts, cps, acc = batch[split]
                     texts.append(text)
                     cps.append(copies)
-                    nb[0] += len(text) * copies
-                    if nb[0] >= task_bytes:
-                        inflight.append((split, nb[0], executor.submit(_encode_task, texts, cps, self.threads, self.dtype)))
+                    acc[0] += nb * copies
+                    if acc[0] >= task_bytes:
+                        inflight.append((split, acc[0], executor.submit(_encode_task, texts, cps, self.threads, self.dtype)))
                         batch[split] = ([], [], [0])
                         collect(depth)
-                for split, (texts, cps, nb) in batch.items():
+                for split, (texts, cps, acc) in batch.items():
                     if texts:
-                        inflight.append((split, nb[0], executor.submit(_encode_task, texts, cps, self.threads, self.dtype)))
+                        inflight.append((split, acc[0], executor.submit(_encode_task, texts, cps, self.threads, self.dtype)))
                 collect(0)
-                for p in packers.values():
-                    p.finish()
-                self._ensure_val(writers, packers)
-                for w in writers.values():
-                    w.close()
-                self.pads = {split: p.pads for split, p in packers.items()}
         finally:
             executor.shutdown(wait=True, cancel_futures=True)
-        return writers
+
+    def _writers(self) -> tuple[dict[str, ShardWriter], dict[str, "_Packer"], Any]:
+        rows_per_shard = max(1, int(self.cfg.shard_size_mb * MB // self.fmt.record_bytes))
+        # The writing bar shows amount and rate only (an output-size estimate from the tokenizer
+        # sample ran past 100% on real corpora); the encode bar carries the percentage and ETA.
+        wr_bar = self.rep.bar("write shards", total=None, position=1)
+        writers = {split: ShardWriter(self.out, split, self.fmt, rows_per_shard, on_write=wr_bar.update)
+                   for split in ("train", "val")}
+        packers = {split: _Packer(self.cfg.seq_len, w, self.dtype, self.pad_id) for split, w in writers.items()}
+        return writers, packers, wr_bar
+
+    def _finish_shards(self, writers: dict[str, ShardWriter], packers: dict[str, "_Packer"]) -> None:
+        for p in packers.values():
+            p.finish()
+        self._ensure_val(writers, packers)
+        for w in writers.values():
+            w.close()
+        self.pads = {split: p.pads for split, p in packers.items()}
 
     def _ensure_val(self, writers: dict[str, ShardWriter], packers: dict[str, _Packer]) -> None:
         """A tiny corpus can leave no validation document: move the last training rows there."""
@@ -431,46 +577,268 @@ class _Build:
                             "tokens; add text or lower data.seq_len")
         k = min(train.pending_rows, max(1, round(self.cfg.val_fraction * total_train)), total_train - 1)
         moved = train.take_last(k)
-        pads = int((moved[:, 1:] == PAD_ID).sum())
+        pads = int((moved[:, 1:] == self.pad_id).sum()) if self.pad_id is not None else 0
         packers["val"].pads, packers["train"].pads = pads, packers["train"].pads - pads
         val.add(moved)
         self.rep.log(f"no document fell into the validation split: moved the last {k} training row(s) there")
 
-    # -- the whole build ----------------------------------------------------------------------
+    def _check_has_train(self) -> None:
+        if not self.split_stats["train"].documents:
+            raise DataError("data.sources hold no training text after mixing and the validation hold-out")
+
+    # -- the whole build in one process -----------------------------------------------------------
 
     def run(self) -> Path:
         t0 = time.perf_counter()
-        self.sources = resolve_sources(self.cfg.sources)
-        settings = self._settings()
-        fingerprint = self._fingerprint(settings)
-        done = self._existing(fingerprint, settings)
+        done = self._existing()
         if done is not None:
+            self._drop_parts()
             return done
         self._clean()
         try:
-            with self.t.stage("scan_s"):
-                self.source_stats = self._scan()
-            sizes = [st.text_bytes for st in self.source_stats]
-            self.rates = mixing_rates(sizes, [s.weight for s in self.sources])
-            with self.t.stage("plan_s"):
-                lines = self._plan()
-            with self.t.stage("tokenizer_s"):
-                tok = self._train_tokenizer(lines)
-            del lines
+            tok = self._make_plan()
             with self.t.stage("encode_write_s"):
-                writers = self._encode_and_write(tok)
-            path = self._write_manifest(tok, writers, fingerprint, settings, time.perf_counter() - t0)
+                writers, packers, wr_bar = self._writers()
+                with wr_bar:
+                    self._encode(tok, self.units, lambda split, tokens: packers[split].add(tokens))
+                    self._check_has_train()
+                    self._finish_shards(writers, packers)
+            path = self._write_manifest(tok, writers, time.perf_counter() - t0)
         except BaseException as e:
-            for p in self.out.glob("*.tmp*"):
-                p.unlink(missing_ok=True)
-            if isinstance(e, OSError):  # disk full, permissions: the user's to fix, in one line
-                raise DataError(f"prepare into {self.out} failed: {e.strerror or e} "
-                                f"({getattr(e, 'filename', None) or 'no file name'})") from None
+            self._on_failure(e)
             raise
+        self._drop_parts()
         return path
 
-    def _write_manifest(self, tok: Tokenizer, writers: dict[str, ShardWriter], fingerprint: str,
-                        settings: dict[str, Any], seconds: float) -> Path:
+    def _on_failure(self, e: BaseException) -> None:
+        for p in self.out.glob("*.tmp*"):
+            p.unlink(missing_ok=True)
+        if isinstance(e, OSError):  # disk full, permissions: the user's to fix, in one line
+            raise DataError(f"prepare into {self.out} failed: {e.strerror or e} "
+                            f"({getattr(e, 'filename', None) or 'no file name'})") from None
+
+    def _drop_parts(self) -> None:
+        shutil.rmtree(self.out / PARTS_DIR, ignore_errors=True)
+
+    # -- distributed: plan, parts, merge -----------------------------------------------------------
+
+    @property
+    def parts_dir(self) -> Path:
+        return self.out / PARTS_DIR
+
+    def _part_name(self, i: int, n: int) -> str:
+        return f"part-{i:05d}-of-{n:05d}"
+
+    def _save_plan(self, tok: Tokenizer) -> None:
+        plan = {"version": PLAN_VERSION, "fingerprint": self.fingerprint, "settings": self.settings,
+                "tokenizer": {"file": tok.path.name, "sha256": tok.sha256},
+                "sources": [asdict(st) for st in self.source_stats], "rates": self.rates,
+                "decode_errors": list(self.decode_errors), "timings": self.t.marks,
+                "units": [[u.source, u.index, u.key, u.first_doc, u.docs, u.text_bytes] for u in self.units]}
+        self.parts_dir.mkdir(exist_ok=True)
+        _write_json(self.parts_dir / PLAN_NAME, plan)
+
+    def _load_plan(self) -> Optional[Tokenizer]:
+        """The saved plan (None when there is none); DataError when it is from other inputs."""
+        path = self.parts_dir / PLAN_NAME
+        if not path.exists():
+            return None
+        try:
+            plan = json.loads(path.read_text())
+            version, fp = plan["version"], plan["fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise DataError(f"{path} is damaged: delete {self.parts_dir} and run every part again") from None
+        if version != PLAN_VERSION or fp != self.fingerprint:
+            raise DataError(f"{path} was made from other inputs (settings or source files changed since the "
+                            f"parts started): delete {self.parts_dir} and run every part again")
+        tok_path = self.out / plan["tokenizer"]["file"]
+        tok = Tokenizer(tok_path)
+        if tok.sha256 != plan["tokenizer"]["sha256"]:
+            raise DataError(f"{tok_path} changed after {path} was written: delete {self.parts_dir} and run "
+                            "every part again")
+        self.source_stats = [_SourceStats(**d) for d in plan["sources"]]
+        self.rates = [float(r) for r in plan["rates"]]
+        self.decode_errors = tuple(plan["decode_errors"])
+        self.units = [_UnitPlan(*u) for u in plan["units"]]
+        self.t.marks.update(plan.get("timings", {}))
+        return tok
+
+    def _plan_for_parts(self) -> Tokenizer:
+        """Load the plan, or make it (the first part to take the lock does; the others wait)."""
+        with _folder_lock(self.out):
+            tok = self._load_plan()
+            if tok is None:
+                self._clean()
+                for p in self.parts_dir.glob("part-*"):  # parts of an older plan
+                    p.unlink()
+                self.rep.log(f"no plan in {self.parts_dir} yet: scanning the sources and making the tokenizer")
+                try:
+                    tok = self._make_plan()
+                    self._save_plan(tok)
+                except BaseException as e:
+                    self._on_failure(e)
+                    raise
+        for u in self.units:  # the inputs still cut into the same units
+            units = self.sources[u.source].units()
+            if u.index >= len(units) or units[u.index].key != u.key:
+                raise DataError(f"{self.sources[u.source].key}: unit {u.key!r} of {self.parts_dir / PLAN_NAME} is "
+                                f"gone: delete {self.parts_dir} and run every part again")
+        return tok
+
+    def part_units(self, i: int, n: int) -> list[_UnitPlan]:
+        """Part i of n: the units whose first byte lies in the i-th n-th of the text (contiguous)."""
+        total = max(1, sum(u.text_bytes for u in self.units))
+        out, before = [], 0
+        for u in self.units:
+            if min(n - 1, before * n // total) == i:
+                out.append(u)
+            before += u.text_bytes
+        return out
+
+    def run_part(self, i: int, n: int) -> Path:
+        t0 = time.perf_counter()
+        with _folder_lock(self.out):
+            done = self._existing()
+        if done is not None:
+            return done
+        tok = self._plan_for_parts()
+        name = self._part_name(i, n)
+        marker = self.parts_dir / f"{name}.json"
+        if marker.exists():
+            try:
+                ok = json.loads(marker.read_text()).get("fingerprint") == self.fingerprint
+            except (OSError, ValueError):
+                ok = False
+            if ok:
+                print(f"[prepare] part {i}/{n} is already complete ({marker}): nothing to do", flush=True)
+                return marker
+            marker.unlink()
+        for p in self.parts_dir.glob(f"{name}.*.tmp*"):  # what a killed run of this part left
+            p.unlink(missing_ok=True)
+        units = self.part_units(i, n)
+        files = {split: self.parts_dir / f"{name}.{split}.tokens" for split in ("train", "val")}
+        tmps = {split: p.with_name(p.name + f".tmp-{os.getpid()}") for split, p in files.items()}
+        handles = {split: open(p, "wb") for split, p in tmps.items()}
+        try:
+            with self.t.stage("encode_s"):
+                self._encode(tok, units, lambda split, tokens: tokens.tofile(handles[split]))
+            for f in handles.values():
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+            for split in files:
+                os.replace(tmps[split], files[split])
+        except BaseException as e:
+            for f in handles.values():
+                f.close()
+            for p in tmps.values():
+                p.unlink(missing_ok=True)
+            if isinstance(e, OSError):
+                raise DataError(f"prepare --part {i}/{n} into {self.parts_dir} failed: {e.strerror or e} "
+                                f"({getattr(e, 'filename', None) or 'no file name'})") from None
+            raise
+        info = {"fingerprint": self.fingerprint, "tokenizer_sha256": tok.sha256, "part": i, "parts": n,
+                "units": [units[0].key, units[-1].key] if units else [], "unit_count": len(units),
+                "tokens": {s: st.tokens_in for s, st in self.split_stats.items()},
+                "split_stats": {s: asdict(st) for s, st in self.split_stats.items()}, "written": self.written,
+                "seconds": round(time.perf_counter() - t0, 3), "encode_cpu_s": self.t.marks.get("encode_cpu_s"),
+                "host": socket.gethostname(), "encode_procs": self.procs, "encode_threads": self.threads}
+        _write_json(marker, info)
+        text = sum(st.text_bytes for st in self.split_stats.values())
+        print(f"[prepare] part {i}/{n} done in {info['seconds']:.1f}s: {len(units)} units, {text / MB:.1f} MB text -> "
+              f"{sum(info['tokens'].values()):,} tokens ({marker})", flush=True)
+        return marker
+
+    def _completed_parts(self) -> tuple[int, list[dict[str, Any]]]:
+        """(N, the markers of parts 0..N-1); DataError naming the parts that are missing."""
+        groups: dict[int, dict[int, dict[str, Any]]] = {}
+        stale = 0
+        for p in sorted(self.parts_dir.glob("part-*-of-*.json")):
+            m = _PART_FILE.match(p.name)
+            if not m:
+                continue
+            try:
+                info = json.loads(p.read_text())
+            except (OSError, ValueError):
+                continue
+            if info.get("fingerprint") != self.fingerprint or info.get("tokenizer_sha256") != self.tok_sha256:
+                stale += 1
+                continue
+            groups.setdefault(int(m.group(2)), {})[int(m.group(1))] = info
+        if not groups:
+            more = f" ({stale} from other inputs)" if stale else ""
+            raise DataError(f"cannot merge: no finished part in {self.parts_dir}{more}: run `slam-pretrain prepare "
+                            "--part I/N` for I = 0..N-1 first (launch/slurm/prepare.sbatch as an array job)")
+        complete = [n for n, g in groups.items() if len(g) == n]
+        if len(complete) > 1:
+            raise DataError(f"cannot merge: {self.parts_dir} holds complete builds for N = {sorted(complete)}; delete "
+                            "the part-*-of-* files of all but one")
+        n = complete[0] if complete else max(groups, key=lambda k: len(groups[k]))
+        missing = sorted(set(range(n)) - set(groups[n]))
+        if missing:
+            raise DataError(f"cannot merge: {len(missing)} of {n} parts are missing or unfinished: "
+                            f"{_ranges(missing)}; run them again (`slam-pretrain prepare --part I/{n}`, or "
+                            f"SLAM_PREPARE_PARTS={n} sbatch --array={_ranges(missing, ',')} launch/slurm/prepare.sbatch ...)")
+        return n, [groups[n][k] for k in range(n)]
+
+    def run_merge(self) -> Path:
+        t0 = time.perf_counter()
+        done = self._existing()
+        if done is not None:
+            self._drop_parts()
+            return done
+        tok = self._load_plan()
+        if tok is None:
+            raise DataError(f"cannot merge: {self.parts_dir / PLAN_NAME} does not exist: run `slam-pretrain prepare "
+                            "--part I/N` for every part first")
+        self.tok_sha256 = tok.sha256
+        n, infos = self._completed_parts()
+        itemsize = np.dtype(self.dtype).itemsize
+        files = []
+        for k, info in enumerate(infos):
+            for split in ("train", "val"):
+                p = self.parts_dir / f"{self._part_name(k, n)}.{split}.tokens"
+                want = int(info["tokens"][split]) * itemsize
+                if not p.exists() or p.stat().st_size != want:
+                    raise DataError(f"cannot merge: {p} is missing or has the wrong size (want {want:,} bytes): run "
+                                    f"`slam-pretrain prepare --part {k}/{n}` again")
+                files.append((split, p))
+        self.parts = n
+        self.split_stats = {s: _SplitStats() for s in ("train", "val")}
+        self.written = [[0, 0] for _ in self.sources]
+        for info in infos:
+            for s, d in info["split_stats"].items():
+                for key, v in d.items():
+                    setattr(self.split_stats[s], key, getattr(self.split_stats[s], key) + int(v))
+            for j, (docs, nbytes) in enumerate(info["written"]):
+                self.written[j][0] += docs
+                self.written[j][1] += nbytes
+        self.t.marks["encode_s"] = round(sum(float(i["seconds"]) for i in infos), 3)
+        self.t.marks["encode_cpu_s"] = round(sum(float(i.get("encode_cpu_s") or 0) for i in infos), 3)
+        self._clean(keep_tokenizer=True)
+        try:
+            self._check_has_train()
+            with self.t.stage("merge_s"):
+                writers, packers, wr_bar = self._writers()
+                with wr_bar:
+                    for split, p in files:
+                        if p.stat().st_size == 0:
+                            continue
+                        tokens = np.memmap(p, dtype=self.dtype, mode="r")
+                        for a in range(0, tokens.size, MERGE_CHUNK_TOKENS):
+                            packers[split].add(np.array(tokens[a:a + MERGE_CHUNK_TOKENS]))
+                        del tokens
+                    self._finish_shards(writers, packers)
+            path = self._write_manifest(tok, writers, time.perf_counter() - t0)
+        except BaseException as e:
+            self._on_failure(e)
+            raise
+        self._drop_parts()
+        return path
+
+    # -- the manifest -------------------------------------------------------------------------
+
+    def _write_manifest(self, tok: Tokenizer, writers: dict[str, ShardWriter], seconds: float) -> Path:
         L = self.cfg.seq_len
         splits = {}
         for name, w in writers.items():
@@ -488,21 +856,25 @@ class _Build:
                   "shards": sum(len(s["shards"]) for s in splits.values()), "bytes": shard_bytes,
                   "undecodable_bytes": bad_bytes, "undecodable_documents": bad_docs}
         sources = []
-        for s, st, rate in zip(self.sources, self.source_stats, self.rates):
+        for s, st, rate, (wd, wb) in zip(self.sources, self.source_stats, self.rates, self.written):
             sources.append({**s.describe(), "documents": st.documents, "text_bytes": st.text_bytes,
-                            "rate": round(rate, 6), "written_documents": st.written_documents,
-                            "written_text_bytes": st.written_bytes})
+                            "rate": round(rate, 6), "written_documents": wd, "written_text_bytes": wb})
+        given = self.given is not None
+        tokenizer = {"file": tok.path.name, "sha256": tok.sha256, "vocab_size": tok.vocab_size,
+                     "model_type": tok.model_type if given else self.cfg.tokenizer_type, "kind": tok.kind,
+                     "pad_id": self.pad_id, "unk_id": tok.unk_id if given else UNK_ID,
+                     "bos_id": tok.bos_id if given else BOS_ID, "eos_id": tok.eos_id if given else EOS_ID}
+        if given:
+            tokenizer["source"] = str(self.cfg.tokenizer)
+        last_row = ("padded with pad_id (labels masked by the loader)" if self.pad_id is not None
+                    else "dropped (the tokenizer has no pad token)")
         data = {
-            "format": mf.FORMAT, "version": mf.VERSION, "dataset_id": dataset_id,
-            "tokenizer": {"file": TOKENIZER_NAME, "sha256": tok.sha256, "vocab_size": tok.vocab_size,
-                          "model_type": self.cfg.tokenizer_type, "pad_id": PAD_ID, "unk_id": UNK_ID,
-                          "bos_id": BOS_ID, "eos_id": EOS_ID},
+            "format": mf.FORMAT, "version": mf.VERSION, "dataset_id": dataset_id, "tokenizer": tokenizer,
             "seq_len": L, "dtype": self.dtype, "row": self.fmt.to_dict(),
-            "packing": {"row_tokens": L + 1, "stride": L, "eos_after_each_document": True,
-                        "last_row": "padded with pad_id (labels masked by the loader)"},
+            "packing": {"row_tokens": L + 1, "stride": L, "eos_after_each_document": True, "last_row": last_row},
             "splits": splits, "totals": totals, "sources": sources,
-            "build": {"fingerprint": fingerprint, "settings": settings,
-                      "timings": {**self.t.marks, "total_s": round(seconds, 3)},
+            "build": {"fingerprint": self.fingerprint, "settings": self.settings,
+                      "timings": {**self.t.marks, "total_s": round(seconds, 3)}, "parts": self.parts,
                       "encode_procs": self.procs, "encode_threads": self.threads,
                       "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
         }
@@ -514,14 +886,29 @@ class _Build:
     def _summary(self, d: dict[str, Any], path: Path, culprit: Optional[str]) -> None:
         if self.rep.quiet:
             return
-        t, sp = d["totals"], d["splits"]
-        enc = d["build"]["timings"].get("encode_write_s", 0) or 1e-9
-        print(f"[prepare] done in {d['build']['timings']['total_s']:.1f}s: {t['documents']:,} documents "
+        t, sp, tm = d["totals"], d["splits"], d["build"]["timings"]
+        if "encode_write_s" in tm:
+            rate = f"encode+write {t['text_bytes'] / MB / (tm['encode_write_s'] or 1e-9):.2f} MB/s"
+        else:
+            rate = f"merged {self.parts} parts in {tm.get('merge_s', 0):.1f}s"
+        print(f"[prepare] done in {tm['total_s']:.1f}s: {t['documents']:,} documents "
               f"({sp['val']['documents']:,} val), {t['text_bytes'] / MB:.1f} MB text -> {t['tokens']:,} tokens, "
               f"{t['rows']:,} rows of {d['seq_len'] + 1} in {t['shards']} shards ({t['bytes'] / MB:.1f} MB, "
-              f"{d['dtype']}); encode+write {t['text_bytes'] / MB / enc:.2f} MB/s", flush=True)
+              f"{d['dtype']}); {rate}", flush=True)
         if t["undecodable_bytes"]:
             print(f"[prepare] {t['undecodable_bytes']:,} undecodable bytes in {t['undecodable_documents']:,} "
                   f"documents were replaced with U+FFFD (first: {culprit})", flush=True)
-        print(f"[prepare] tokenizer {self.out / TOKENIZER_NAME} ({d['tokenizer']['model_type']}, vocab "
+        print(f"[prepare] tokenizer {self.out / d['tokenizer']['file']} ({d['tokenizer']['model_type']}, vocab "
               f"{d['tokenizer']['vocab_size']}); manifest {path}", flush=True)
+
+
+def _ranges(ids: list[int], sep: str = ", ") -> str:
+    """[0, 1, 2, 5] -> '0-2, 5' (for naming missing parts and as an sbatch --array list)."""
+    out, start = [], None
+    for k, v in enumerate(ids):
+        if start is None:
+            start = v
+        if k + 1 == len(ids) or ids[k + 1] != v + 1:
+            out.append(f"{start}" if start == v else f"{start}-{v}")
+            start = None
+    return sep.join(out)
