@@ -3,16 +3,23 @@
 1. ``prepare`` (encode + pack + write shards) in MB of text per second, against raw
    ``SentencePieceProcessor.encode`` of the same documents with the same number of cores
    (``num_threads`` = every core), measured in the same run with the same tokenizer.
-2. Loader tokens per second per process from local shards (one rank, ``num_workers=0``: the
+2. ``prepare`` from **Parquet** (the same text written as Parquet row groups, read by the Parquet
+   source, the tokenizer given with ``data.tokenizer``): MB per CPU-second (= MB/s per core) of the
+   whole scan + encode + pack + write, against raw encode of the same text (aim >= 0.8).
+3. Loader tokens per second per process from local shards (one rank, ``num_workers=0``: the
    work one process does), against a raw sequential read of the same shard bytes.
+4. ``--cluster 1,2``: ``launch/slurm/prepare.sbatch`` on the SLURM cluster that ``SLURM_CONF``
+   names (the local test cluster: ``. launch/slurm/testcluster/env.sh``), the same Parquet corpus
+   in N parts: wall time of the array job, of the merge, and the speed-up over 1 part.
 
-Usage: ``python benchmarks/bench_data.py [--corpus-mb 8] [--seq-len 2048] [--variants]``.
-Runs in well under 3 minutes on 2 cores; prints the figures and the two ratios.
+Usage: ``python benchmarks/bench_data.py [--corpus-mb 8] [--seq-len 2048] [--variants] [--cluster 1,2]``.
+Runs in well under 3 minutes on 2 cores (plus the cluster runs); prints the figures and ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
 import tempfile
@@ -39,6 +46,83 @@ def bench_prepare(root: Path, corpus_mb: float, seq_len: int, procs=None, thread
     timings = m.raw["build"]["timings"]
     text_mb = m.totals["text_bytes"] / 1e6
     return manifest, text_mb / timings["encode_write_s"], text_mb / timings["encode_write_cpu_s"], timings
+
+
+def write_parquet(docs: list[str], folder: Path, files: int = 4, row_group_rows: int = 256) -> Path:
+    """The documents as ``files`` Parquet files (zstd, ``row_group_rows`` rows per row group)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    per = -(-len(docs) // files)
+    for f in range(files):
+        pq.write_table(pa.table({"text": docs[f * per:(f + 1) * per]}), folder / f"docs-{f:02d}.parquet",
+                       row_group_size=row_group_rows, compression="zstd")
+    return folder
+
+
+def bench_parquet(root: Path, pq_dir: Path, tokenizer: Path, seq_len: int) -> tuple[float, float, dict]:
+    """(MB/s wall, MB per CPU-second) of a whole prepare (scan + encode + pack + write) from Parquet."""
+    cfg = DataConfig(sources=[{"path": str(pq_dir)}], dataset_dir=str(root), seq_len=seq_len, shard_size_mb=16,
+                     tokenizer=str(tokenizer))
+    c0 = _cpu_all()
+    t0 = time.perf_counter()
+    m = load_manifest(prepare_from_config(cfg, vocab_size=8192, quiet=True))
+    wall, cpu = time.perf_counter() - t0, _cpu_all() - c0
+    text_mb = m.totals["text_bytes"] / 1e6
+    return text_mb / wall, text_mb / cpu, m.raw["build"]["timings"]
+
+
+def _cpu_all() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def bench_cluster(pq_dir: Path, tokenizer: Path, seq_len: int, parts: list[int], out: Path) -> None:
+    """launch/slurm/prepare.sbatch with N parts, then the merge, on the cluster SLURM_CONF names."""
+    import re
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "SLAM_PYTHON": sys.executable, "SLAM_HOME": str(repo), "PYTHONPATH": str(repo)}
+
+    def sh(*cmd: str) -> str:
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, timeout=60).stdout
+
+    def wait(job: str) -> None:
+        while True:
+            out_ = sh("scontrol", "-o", "show", "job", job)
+            states = re.findall(r"JobState=(\S+)", out_)
+            if states and all(st in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") for st in states):
+                if any(st != "COMPLETED" for st in states):
+                    raise SystemExit(f"cluster job {job} failed: {states}")
+                return
+            time.sleep(0.2)
+
+    base = None
+    for n in parts:
+        ds = out / f"cluster_{n}"
+        args = ["--config", str(repo / "configs" / "tiny_cpu.yaml"), "--set", f"data.dataset_dir={ds}",
+                "--set", f"data.sources=[{{path: {pq_dir}}}]", "--set", f"data.tokenizer={tokenizer}",
+                "--set", "model.vocab_size=8192", "--set", f"model.max_seq_len={seq_len}",
+                "--set", f"data.seq_len={seq_len}", "--set", "data.shard_size_mb=16",
+                "--set", "data.max_corpus_mb=null", "--set", "data.encode_procs=1", "--set", "data.encode_threads=1"]
+        log = f"--output={out}/slurm-%x-%A_%a.out"
+        t0 = time.perf_counter()
+        jid = sh("sbatch", "--parsable", log, f"--array=0-{n - 1}", str(repo / "launch/slurm/prepare.sbatch"), *args).strip()
+        wait(jid)
+        t1 = time.perf_counter()
+        mid = sh("sbatch", "--parsable", log, str(repo / "launch/slurm/prepare.sbatch"), "--merge", *args).strip()
+        wait(mid)
+        t2 = time.perf_counter()
+        m = load_manifest(ds)
+        text_mb = m.totals["text_bytes"] / 1e6
+        base = base or (t1 - t0)
+        print(f"cluster, {n} part(s) (1 core each): array job {t1 - t0:.1f}s ({text_mb / (t1 - t0):.2f} MB/s, "
+              f"speed-up {base / (t1 - t0):.2f}x over 1 part; encode in the parts "
+              f"{m.raw['build']['timings'].get('encode_s', 0):.1f} s summed), merge job {t2 - t1:.1f}s "
+              f"(pack + write; {m.raw['build']['timings'].get('merge_s', 0):.2f}s inside), dataset {m.dataset_id[:12]}")
 
 
 def _cpu() -> float:
@@ -98,6 +182,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=4.0, help="per loader measurement")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved prepare/raw pairs (best of each)")
     ap.add_argument("--variants", action="store_true", help="also time other (processes x threads) splits")
+    ap.add_argument("--cluster", default="", help="e.g. 1,2: prepare.sbatch with these part counts on SLURM_CONF's cluster")
     args = ap.parse_args()
     procs, threads = auto_parallelism(None, None)
     cores = procs * threads
@@ -127,6 +212,20 @@ def main() -> None:
             for p, t in sorted({(1, cores), (cores, 1)} - {(procs, threads)}):
                 _, mbps, _, _ = bench_prepare(root / f"ds_{p}x{t}", args.corpus_mb, args.seq_len, p, t)
                 print(f"  variant {p} process(es) x {t} threads: {mbps:.2f} MB/s (ratio {mbps / raw_mbps:.2f})")
+        # Parquet input, the tokenizer given: the whole prepare against raw encode of the same text.
+        n_docs = m.sources[0]["documents"]
+        docs = list(islice(resolve_sources(["stdlib"])[0].documents(), n_docs))
+        pq_dir = write_parquet(docs, root / "parquet")
+        tok_path = Path(manifest).parent / "tokenizer.model"
+        pq_runs = [bench_parquet(root / f"pq{i}", pq_dir, tok_path, args.seq_len) for i in range(args.repeats)]
+        pq_wall, pq_cpu = max(r[0] for r in pq_runs), max(r[1] for r in pq_runs)
+        print(f"prepare from Parquet ({len(list(pq_dir.iterdir()))} files, row groups of 256 documents, tokenizer given), "
+              f"scan + encode + pack + write: {pq_wall:.2f} MB/s wall, {pq_cpu:.2f} MB/s per core | raw encode "
+              f"{max(raw_cpu):.2f} MB/s per core | ratio {pq_cpu / max(raw_cpu):.2f} (aim >= 0.8); stages (s): "
+              f"{pq_runs[-1][2]}")
+        if args.cluster:
+            bench_cluster(pq_dir, tok_path, args.seq_len, [int(x) for x in args.cluster.split(",")],
+                          Path(tempfile.mkdtemp(prefix="bench_cluster_", dir=os.environ.get("BENCH_SHARED_DIR"))))
         bench_raw_read(manifest, 0.5)  # page cache warm for both measurements
         raw_tps = bench_raw_read(manifest, args.seconds)
         load_tps = bench_loader(manifest, args.micro_batch, args.seconds, num_workers=0)
