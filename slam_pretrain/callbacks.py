@@ -31,7 +31,7 @@ _MLFLOW_NAMES = {
     "loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "tokens": "train/tokens",
     "skipped_steps": "train/skipped_steps", "tokens_per_s": "perf/tokens_per_s", "mfu": "perf/mfu",
     "step_time_s": "perf/step_time_s", "data_wait_s": "data/wait_s", "mem_gb": "perf/mem_gb",
-    "val_loss": "val/loss", "val_ppl": "val/perplexity",
+    "val_loss": "val/loss", "val_ppl": "val/perplexity", "val_acc": "val/accuracy", "val_macro_f1": "val/macro_f1",
 }
 
 

@@ -32,11 +32,10 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from data_pipeline.prepare import parse_part, prepare_from_config
+    from data_pipeline.prepare import prepare_from_config
 
-    part = parse_part(args.part) if args.part is not None else None
     cfg = _load(args)
-    prepare_from_config(cfg.data, vocab_size=cfg.model.vocab_size, part=part, merge=args.merge)
+    prepare_from_config(cfg.data, vocab_size=cfg.model.vocab_size)
     return 0
 
 
@@ -52,6 +51,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     from slam_pretrain.train_main import run_training
 
     return run_training(cfg, resume=args.resume)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from slam_pretrain.downstream.finetune import run_finetune
+
+    return run_finetune(_load(args), init=args.init, resume=args.resume)
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from slam_pretrain.downstream.finetune import classify_cli
+
+    return classify_cli(args)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -88,10 +99,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="train the tokenizer and write packed WebDataset shards")
     _add_config_args(p)
-    p.add_argument("--part", metavar="I/N", default=None,
-                   help="encode only part I of N (0 <= I < N) into DATASET_DIR/parts/; then run --merge once")
-    p.add_argument("--merge", action="store_true",
-                   help="write the shards and manifest from the finished parts (names any missing part)")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train (or resume) a model")
@@ -114,6 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true",
                    help="recompute the whole context for every token (the reference path; same tokens, slower)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("finetune", help="fine-tune a pretrained model for text classification")
+    _add_config_args(p)
+    p.add_argument("--init", required=True, help="the pretrained checkpoint dir, run out_dir or .safetensors export")
+    p.add_argument("--resume", default="auto",
+                   help="'auto' (newest complete checkpoint in run.out_dir), 'never', or a checkpoint path")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("classify", help="the label of a text, from a fine-tuned checkpoint")
+    p.add_argument("--checkpoint", required=True, help="fine-tuning checkpoint dir or run out_dir")
+    p.add_argument("--input", required=True, help='the text to classify, e.g. "Your input text here"')
+    p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("export", help="consolidate a checkpoint into one safetensors file or a Hugging Face folder")
     p.add_argument("--checkpoint", required=True,

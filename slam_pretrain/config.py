@@ -133,6 +133,27 @@ class RunConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """``slam-pretrain finetune``: text classification on a pretrained trunk (downstream/classify.py)."""
+
+    train_file: Optional[str] = None  # JSONL, one {text, label} object per line
+    val_file: Optional[str] = None  # None: hold out val_fraction of train_file (seeded by run.seed)
+    val_fraction: float = 0.1
+    text_field: str = "text"
+    label_field: str = "label"
+    max_len: int = 128  # tokens per example: EOS + the text, cut
+    labels: list[str] = field(default_factory=list)  # the classes; empty: the sorted labels of train_file
+
+    def validate(self, prefix: str = "finetune") -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"{prefix}.val_fraction={self.val_fraction!r} is invalid: must be in (0, 1)")
+        if self.max_len < 2:
+            raise ConfigError(f"{prefix}.max_len={self.max_len!r} is invalid: must be >= 2")
+        if len(set(self.labels)) != len(self.labels):
+            raise ConfigError(f"{prefix}.labels={self.labels!r} is invalid: names must be distinct")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -141,6 +162,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):

@@ -139,7 +139,11 @@ def format_record(record: dict[str, Any]) -> str:
     """One human log line, e.g. ``step 120/300 | loss 4.1234 | lr 2.9e-03 | ...``."""
     parts = [f"step {record['step']}/{record.get('max_steps', '?')}"]
     if record.get("split") == "val":
-        parts.append(f"val_loss {record['val_loss']:.4f} | val_ppl {record['val_ppl']:.2f}")
+        parts.append(f"val_loss {record['val_loss']:.4f}")
+        if "val_ppl" in record:
+            parts.append(f"val_ppl {record['val_ppl']:.2f}")
+        if "val_acc" in record:  # a classifier (slam-pretrain finetune)
+            parts.append(f"val_acc {record['val_acc']:.4f} | val_macro_f1 {record['val_macro_f1']:.4f}")
         return " | ".join(parts)
     parts.append(f"loss {record['loss']:.4f}")
     parts.append(f"lr {record['lr']:.2e}")

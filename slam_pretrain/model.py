@@ -433,9 +433,9 @@ class SLAMv1LM(nn.Module):
         periods(out, t, ko)[:, :, :p] += yo
         return out[:, :n] * plan.weight.to(out.dtype)  # [B, N, D]
 
-    def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None,
-                hidden: Optional[list[torch.Tensor]] = None):
-        """tokens [B, N] -> logits [B, N, V], or (logits, mean CE loss) when targets are given.
+    def features(self, tokens: torch.Tensor, hidden: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
+        """tokens [B, N] -> the trunk's output after the final norm, [B, N, D] (what the LM head
+        reads; a classification head reads it too).
 
         ``hidden``: a list that receives the input of every stage (initial block, each EF cycle,
         final block), each [B, N, D]; the KV cache's prefill reads keys and values from them.
@@ -459,7 +459,13 @@ class SLAMv1LM(nn.Module):
         for i in range(cfg.ef_cycles):
             x = run(self.cycle_wrapper, lambda h, i=i: self._ef_cycle(i, plan, h), x)
         x = run(self.block_wrapper, lambda h: self.final_block(h, plan.rope_full), x)
-        logits = self.lm_head(self.norm_f(x))  # [B, N, V]
+        return self.norm_f(x)
+
+    def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                hidden: Optional[list[torch.Tensor]] = None):
+        """tokens [B, N] -> logits [B, N, V], or (logits, mean CE loss) when targets are given
+        (``hidden``: see ``features``)."""
+        logits = self.lm_head(self.features(tokens, hidden))  # [B, N, V]
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
