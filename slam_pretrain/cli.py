@@ -32,10 +32,11 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from data_pipeline.prepare import prepare_from_config
+    from data_pipeline.prepare import parse_part, prepare_from_config
 
+    part = parse_part(args.part) if args.part is not None else None
     cfg = _load(args)
-    prepare_from_config(cfg.data, vocab_size=cfg.model.vocab_size)
+    prepare_from_config(cfg.data, vocab_size=cfg.model.vocab_size, part=part, merge=args.merge)
     return 0
 
 
@@ -99,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="train the tokenizer and write packed WebDataset shards")
     _add_config_args(p)
+    p.add_argument("--part", metavar="I/N", default=None,
+                   help="encode only part I of N (0 <= I < N) into DATASET_DIR/parts/; then run --merge once")
+    p.add_argument("--merge", action="store_true",
+                   help="write the shards and manifest from the finished parts (names any missing part)")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train (or resume) a model")
