@@ -1,4 +1,4 @@
-"""``slam-pretrain`` command line: prepare, train, generate, export, demo.
+"""``slam-pretrain`` command line: prepare, train, generate, export, eval, demo.
 
 User mistakes (ConfigError, UserError, DataError, missing files, and OSErrors of writing: no
 space, read-only, permission denied) become one line on stderr and exit code 2; nothing else in
@@ -86,6 +86,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from slam_pretrain.downstream.lm_eval_adapter import eval_cli
+
+    return eval_cli(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from slam_pretrain.demo import run_demo
 
@@ -147,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("safetensors", "hf"), default="safetensors",
                    help="safetensors (default): our own export; hf: a transformers folder (needs the 'hf' extra)")
     p.set_defaults(func=cmd_export)
+
+    from slam_pretrain.downstream.lm_eval_adapter import add_eval_parser
+
+    add_eval_parser(sub).set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="prepare the stdlib dataset, train the tiny model, generate")
     p.add_argument("--config", default="configs/tiny_cpu.yaml")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import sysconfig
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,12 +43,14 @@ for cfg_dict in jobs:
 '''
 
 
-def train_tokenizer(path: Path, vocab_size: int, model_type: str = "bpe") -> Path:
-    """A SentencePiece tokenizer trained on a few stdlib modules and some non-ASCII text (< 2 s)."""
+def train_tokenizer(path: Path, vocab_size: int, model_type: str = "bpe", extra: Optional[list[str]] = None) -> Path:
+    """A SentencePiece tokenizer trained on a few stdlib modules, some non-ASCII text and ``extra``
+    texts (< 2 s)."""
     from data_pipeline.tokenizer import train_sentencepiece, training_lines
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     texts = [(stdlib / name).read_text() for name in ("textwrap.py", "bisect.py", "heapq.py", "argparse.py")]
+    texts += extra or []
     texts.append("Ünïcödé façade naïve — 日本語のテキスト 中文 Ελληνικά русский\t\ttabs  and  spaces 12345 3.14159")
     blob = train_sentencepiece(list(training_lines(texts)), vocab_size=vocab_size, model_type=model_type,
                                num_threads=1)
