@@ -7,8 +7,7 @@ trainer, the loader and DeepSpeed never disagree about what a step is.
 
 No JIT-compiled ops: the optimizer is a client ``torch.optim.AdamW`` (not FusedAdam / CPUAdam, also
 with offload), and on CPU the ``deepspeed_shm_comm`` op is switched off before DeepSpeed builds its
-communication backend. That op only serves ``inference_all_reduce`` (DeepSpeed inference); training
-collectives go through torch.distributed. Building it costs ~60 s on a 2-core machine on first use.
+communication backend. Each workaround of DeepSpeed's behaviour lives in deepspeed_shims.py.
 
 Skipping a bad step on every rank: tensor hooks flag any non-finite gradient contribution during
 backward (before ZeRO reduces or partitions it), ``forward_backward`` flags a non-finite loss, and
@@ -40,13 +39,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import nn
 
 from slam_pretrain.engine.activation_checkpointing import apply_activation_checkpointing
 from slam_pretrain.engine.base import Engine, StepResult, any_rank, grad_accum_steps
+from slam_pretrain.engine.deepspeed_shims import disable_shm_comm, ds_safe_load, quiet_untested_optimizer_warning
 from slam_pretrain.errors import ConfigError, UserError
 from slam_pretrain.optim import param_groups
 
@@ -120,41 +120,7 @@ def _prepare_import(device: torch.device) -> None:
                         f"engine.device accordingly")
     os.environ["DS_ACCELERATOR"] = want
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-
-
-def _disable_shm_comm() -> None:
-    """Mark DeepSpeed's CPU shared-memory op as unavailable so it is never JIT-built (see module doc)."""
-    import deepspeed.ops
-
-    ops = deepspeed.ops.__compatible_ops__  # probed once and cached; DeepSpeed reads this same dict
-    ops["deepspeed_shm_comm"] = False
-
-
-def _ds_safe_globals() -> list[Any]:
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
-@contextlib.contextmanager
-def ds_safe_load() -> Iterator[None]:
-    """While active, every ``torch.load`` (DeepSpeed's included, which pass weights_only=False)
-    unpickles only tensors, plain data and DeepSpeed's loss-scaler / ZeRO-stage / fragment types."""
-    original = torch.load
-    allowed = _ds_safe_globals()
-
-    def safe_load(*args: Any, **kwargs: Any) -> Any:
-        kwargs["weights_only"] = True
-        with torch.serialization.safe_globals(allowed):
-            return original(*args, **kwargs)
-
-    torch.load = safe_load
-    try:
-        yield
-    finally:
-        torch.load = original
+    quiet_untested_optimizer_warning()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,7 +153,7 @@ class DeepSpeedEngine(Engine):
         import deepspeed
 
         if dist_info.device.type == "cpu":
-            _disable_shm_comm()
+            disable_shm_comm()
         self._num_params = sum(p.numel() for p in model.parameters())
         apply_activation_checkpointing(model, e.activation_checkpointing)
         if e.compile:
