@@ -121,9 +121,7 @@ class Manifest:
         path = folder / f"tokenizer-{self.tokenizer_sha256[:16]}.model"
         if not path.exists():
             folder.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-            tmp.write_bytes(self.tokenizer_bytes())
-            os.replace(tmp, path)
+            storage.atomic_write(path, self.tokenizer_bytes())
         return path
 
     def load_tokenizer(self):
@@ -222,16 +220,5 @@ def check_compatible(manifest: Union[Manifest, str, os.PathLike], vocab_size: in
 
 
 def write_manifest(path: Path, data: dict[str, Any]) -> None:
-    """Write atomically: tmp file, fsync, rename, fsync the folder."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Publish atomically (storage.atomic_write)."""
+    storage.atomic_write(path, json.dumps(data, indent=1) + "\n")

@@ -61,7 +61,7 @@ from data_pipeline.lifecycle import die_with_parent
 from data_pipeline.progress import Reporter
 from data_pipeline.shards import RowFormat, ShardWriter, dtype_for_vocab
 from data_pipeline.sources import DecodeStats, copies_for, mixing_rates, resolve_sources, unit_hash
-from data_pipeline.storage import is_url
+from data_pipeline.storage import atomic_write, is_url
 from data_pipeline.tokenizer import (BOS_ID, EOS_ID, HF_SPECIAL_NAMES, MAX_TRAIN_CHARS, PAD_ID, UNK_ID, Tokenizer,
                                      train_sentencepiece, training_lines)
 
@@ -132,14 +132,7 @@ def auto_parallelism(procs: Optional[int], threads: Optional[int]) -> tuple[int,
 
 
 def _write_json(path: Path, data: Any) -> None:
-    """Atomically: tmp file, fsync, rename."""
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=1) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,9 +335,7 @@ class _Build:
         tok = self.given
         assert tok is not None
         path = self.out / (HF_TOKENIZER_NAME if tok.kind == "hf" else TOKENIZER_NAME)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(tok.model_bytes)
-        os.replace(tmp, path)
+        atomic_write(path, tok.model_bytes)
         self.rep.log(f"tokenizer: {self.cfg.tokenizer} ({tok.kind}, {tok.model_type}, vocab {tok.vocab_size:,}, "
                      f"eos {tok.eos_id}, pad {tok.pad_id if tok.pad_id >= 0 else 'none: the last partial row is dropped'})")
         return Tokenizer(path)
@@ -472,9 +463,7 @@ class _Build:
         if "error" in result:
             raise result["error"]
         path = self.out / TOKENIZER_NAME
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(result["model"])
-        os.replace(tmp, path)
+        atomic_write(path, result["model"])
         return Tokenizer(path)
 
     def _make_plan(self) -> Tokenizer:

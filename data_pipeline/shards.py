@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import tarfile
 import zlib
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from data_pipeline.errors import CorruptData, DataError
+from data_pipeline.storage import atomic_write
 
 BLOCK = 512
 TAR_RECORD = 10240  # tar pads archives to a multiple of 20 blocks
@@ -240,13 +240,12 @@ class ShardWriter:
         sha = hashlib.sha256()
         sha.update(memoryview(rec).cast("B"))
         sha.update(tail)
-        tmp = self.out_dir / (name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(memoryview(rec).cast("B"))
-            f.write(tail)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.out_dir / name)
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                f.write(memoryview(rec).cast("B"))
+                f.write(tail)
+
+        atomic_write(self.out_dir / name, write)
         self.shards.append({"url": name, "rows": n, "bytes": size, "sha256": sha.hexdigest()})
         self.rows_written += n
         if self.on_write:

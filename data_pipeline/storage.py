@@ -12,12 +12,14 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+import shutil
 import sys
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 from urllib.parse import urljoin
 
 import numpy as np
@@ -27,6 +29,94 @@ from data_pipeline.errors import CorruptData, DataError
 _RETRIES = 4
 _TIMEOUT = (10, 120)  # connect, read seconds
 _warned: set[str] = set()
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask would race with other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
+def fsync_dir(path: "os.PathLike[str] | str") -> None:
+    """Make a rename (or a new entry) in ``path`` durable: fsync the directory itself (skipped where
+    the filesystem refuses to open or fsync a directory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: "os.PathLike[str] | str", data: "bytes | str | Callable[[Path], object]") -> Path:
+    """Publish ``path`` all at once: write ``data`` (bytes, text, or ``data(tmp_path)`` for writers
+    that open the file themselves) to a unique temporary sibling, fsync it, rename it over ``path``
+    and fsync the folder. A reader sees the old file or the whole new one, never a part; on any
+    error the temporary file is removed and ``path`` is untouched. The one implementation of
+    atomic file publication in the project (checkpoints, exports, manifests, shards, metrics)."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")  # a prepare cleanup matches *.tmp*
+    try:
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            tmp.write_bytes(data)
+        elif isinstance(data, str):
+            tmp.write_text(data, encoding="utf-8")
+        else:
+            data(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # some writers (safetensors) create their files 0600
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+T = TypeVar("T")
+
+
+def atomic_dir(path: "os.PathLike[str] | str", build: "Callable[[Path], T]") -> T:
+    """Publish the directory ``path`` all at once: ``build(tmp)`` fills a temporary sibling, every
+    file in it and the folder are fsynced, and it is renamed to ``path`` (an existing ``path`` is
+    moved aside first and removed after, so a reader sees the old folder or the whole new one).
+    On any error the temporary folder is removed and ``path`` is untouched. Returns build's result."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        result = build(tmp)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        fsync_dir(tmp)
+        if path.is_dir() and any(path.iterdir()):
+            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(path, old)
+            try:
+                os.rename(tmp, path)
+            except BaseException:
+                os.rename(old, path)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)  # replaces an empty directory too
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(path.parent)
+    return result
 
 
 def is_url(s: str) -> bool:
@@ -207,21 +297,21 @@ class ShardFile:
         if path.exists() and path.stat().st_size == self.size:
             return path
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{name}.tmp-{os.getpid()}")
         r = _request("GET", self.location, stream=True)
         if r.status_code != 200:
             raise DataError(f"shard {self.location}: HTTP {r.status_code} (expected 200)")
-        h = hashlib.sha256()
-        with open(tmp, "wb") as f:
-            for chunk in r.iter_content(1 << 20):
-                h.update(chunk)
-                f.write(chunk)
-        if h.hexdigest() != self.sha256:
-            tmp.unlink(missing_ok=True)
-            raise CorruptData(f"shard {self.location}: sha256 mismatch after download (corrupted shard); "
-                            "re-run `slam-pretrain prepare` or set data.skip_corrupt_shards=true")
-        os.replace(tmp, path)
-        return path
+
+        def download(tmp: Path) -> None:  # checked before it is published
+            h = hashlib.sha256()
+            with open(tmp, "wb") as f:
+                for chunk in r.iter_content(1 << 20):
+                    h.update(chunk)
+                    f.write(chunk)
+            if h.hexdigest() != self.sha256:
+                raise CorruptData(f"shard {self.location}: sha256 mismatch after download (corrupted shard); "
+                                  "re-run `slam-pretrain prepare` or set data.skip_corrupt_shards=true")
+
+        return atomic_write(path, download)
 
 
 def read_many(requests_: list[tuple[ShardFile, np.ndarray]]) -> list[tuple[np.ndarray, int]]:

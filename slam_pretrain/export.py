@@ -27,14 +27,13 @@ import json
 import os
 import shutil
 import sys
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
 import torch
 import yaml
 
-from data_pipeline.storage import sha256_of
+from data_pipeline.storage import atomic_write, sha256_of
 from slam_pretrain.checkpoint import STEP_RE, find_latest, is_complete, is_damage_error, verify_checkpoint
 from slam_pretrain.errors import UserError
 
@@ -232,31 +231,6 @@ def _load_weights(mcfg: "ModelConfig", sd: dict[str, torch.Tensor], source: str)
 # ---------------------------------------------------------------------------------------------
 # Public API.
 
-def _umask() -> int:
-    """The process umask, read without changing it (os.umask would race with other threads)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0o022
-
-
-def _fsync_write(path: Path, write) -> None:
-    """Write through ``write(tmp_path)`` to a temporary sibling, fsync, rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates its files 0600
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def export_checkpoint(checkpoint: PathLike, out: PathLike) -> Path:
     """Write ``out`` (.safetensors) plus ``<stem>.config.yaml`` and ``<stem>.tokenizer.model``.
 
@@ -292,9 +266,9 @@ def export_checkpoint(checkpoint: PathLike, out: PathLike) -> Path:
         "source": str(step_dir.resolve()),
     }
     weights_path.parent.mkdir(parents=True, exist_ok=True)
-    _fsync_write(config_path, lambda tmp: tmp.write_text(yaml.safe_dump(cfg_dict, sort_keys=False)))
-    _fsync_write(tok_path, lambda tmp: shutil.copyfile(tokenizer, tmp))
-    _fsync_write(weights_path, lambda tmp: save_file(sd, str(tmp), metadata=meta))
+    atomic_write(config_path, lambda tmp: tmp.write_text(yaml.safe_dump(cfg_dict, sort_keys=False)))
+    atomic_write(tok_path, lambda tmp: shutil.copyfile(tokenizer, tmp))
+    atomic_write(weights_path, lambda tmp: save_file(sd, str(tmp), metadata=meta))
     return weights_path
 
 

@@ -13,13 +13,14 @@ and a figure above 100% is never reported (``mfu`` returns None: the peak was un
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional, TextIO
 
 import torch
+
+from data_pipeline.storage import atomic_write
 
 # Dense peak FLOP/s per device by (name fragment, dtype). Sparse numbers are not used.
 PEAK_FLOPS: dict[tuple[str, str], float] = {
@@ -123,9 +124,7 @@ class JsonlSink:
                     kept.append(line)
             except json.JSONDecodeError:
                 continue  # a line cut by the kill
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        atomic_write(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         self._fh.write(json.dumps(record, sort_keys=False) + "\n")

@@ -26,12 +26,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import torch
 
+from data_pipeline.storage import atomic_dir
 from slam_pretrain.errors import UserError
 from slam_pretrain.export import load_model
 
@@ -81,14 +81,6 @@ def _check_out(out: Path) -> None:
     if out.is_dir() and any(out.iterdir()) and not is_hf_export(out):
         raise UserError(f"--out {str(out)!r} exists and is not empty (and is not a previous hf export): "
                         "pass a new or empty directory")
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fast_tokenizer(sp_bytes: bytes, specials: dict[str, str]):
@@ -161,22 +153,6 @@ def write_hf_folder(model: torch.nn.Module, tokenizer: Any, model_config: dict[s
     return record
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Rename the finished ``tmp`` to ``out`` (empty, absent, or a previous export moved aside)."""
-    if out.is_dir() and any(out.iterdir()):
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(out, old)
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            os.rename(old, out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)  # replaces an empty directory too
-    _fsync(out.parent)
-
-
 def export_hf(checkpoint: PathLike, out: PathLike, notify: Optional[Callable[[str], None]] = None) -> Path:
     """Write the Hugging Face folder ``out`` from a checkpoint dir, a run out_dir or a .safetensors
     export. Returns ``out``."""
@@ -186,18 +162,13 @@ def export_hf(checkpoint: PathLike, out: PathLike, notify: Optional[Callable[[st
     model, tokenizer, meta = load_model(checkpoint)
     provenance = {"kind": meta.get("kind"), "source": str(meta.get("source")), "step": meta.get("step")}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
+
+    def build(tmp: Path) -> dict[str, Any]:
         record = write_hf_folder(model, tokenizer, meta["model_config"], tmp, provenance)
-        for f in tmp.iterdir():
-            _fsync(f)
-        _fsync(tmp)
         _check_out(out)  # again: something may have appeared meanwhile
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        return record
+
+    record = atomic_dir(out, build)
     if notify and record["tokenizer"] == "sentencepiece":
         notify("[export] the tokenizer is SentencePiece unigram (or its tokenizers-library form did not match it "
                "exactly): the export ships tokenization_slam.py, which needs the sentencepiece package")

@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -265,14 +263,10 @@ def flat_scores(results: dict[str, Any]) -> dict[str, float]:
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     from lm_eval.utils import handle_non_serializable
 
+    from data_pipeline.storage import atomic_write
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, default=handle_non_serializable, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, json.dumps(data, indent=2, default=handle_non_serializable, sort_keys=True) + "\n")
 
 
 def log_to_mlflow(scores: dict[str, float], *, uri: str, run_id: Optional[str], experiment: str, step: int,
