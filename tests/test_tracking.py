@@ -1,8 +1,8 @@
 """MLflow tracking against a real ``mlflow server`` on loopback and the default SQLite store.
 
 Every value is read back with ``MlflowClient``; the outage case stops the server mid-run (first
-frozen with SIGSTOP, so requests hang; then killed), keeps logging, restarts it on the same port
-and checks that every step arrives exactly once.
+frozen with SIGSTOP, so MLflow's asynchronous requests hang; then killed), keeps logging, restarts
+it on the same port and checks that every step arrives exactly once.
 """
 
 from __future__ import annotations
@@ -17,12 +17,24 @@ import pytest
 
 from mlflow_server import MlflowServer, free_port
 from slam_pretrain.config import Config
-from slam_pretrain.tracking import (MLflowTracker, NullTracker, make_tracker, resolve_tracking_uri,
+from slam_pretrain.tracking import (HTTP_ENV, MLflowTracker, NullTracker, make_tracker, resolve_tracking_uri,
                                     run_params, run_tags)
 
 KEYS = ("train/loss", "perf/tokens_per_s")
 # MLflow's SQLAlchemy store trips a SQLAlchemy deprecation warning (not ours to fix).
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_mlflow_env(monkeypatch):
+    """Each test starts without the HTTP settings a tracker sets, and leaves none behind."""
+    for name in HTTP_ENV:
+        monkeypatch.setenv(name, "")  # records the original value, restored at teardown
+        monkeypatch.delenv(name)
+
+
+def _env_changes(before: dict[str, str]) -> dict[str, object]:
+    return {k: os.environ.get(k) for k in set(before) | set(os.environ) if os.environ.get(k) != before.get(k)}
 
 
 def _log_steps(tracker: MLflowTracker, steps: range) -> float:
@@ -60,9 +72,14 @@ def test_server_lifecycle_outage_and_resume(tmp_path: Path, capfd, monkeypatch) 
     cfg = Config()
     params, tags = run_params(cfg), run_tags(cfg, world_size=2)
     server = MlflowServer(tmp_path / "server")
+    # Credentials in the URI (the server ignores them): no line on stdout or stderr may show them,
+    # neither ours nor MLflow's (its line per failed async batch, set_terminated's run URL).
+    secret = "pw-" + os.urandom(6).hex()
+    uri = f"http://trainer:{secret}@127.0.0.1:{server.port}"
+    printed = []
     try:
         # 1. The server is not up yet: start() returns quickly without a run, training goes on.
-        tracker = MLflowTracker(server.uri, "slam-test", "lifecycle", retry_min_s=0.2, retry_max_s=1.0)
+        tracker = MLflowTracker(uri, "slam-test", "lifecycle", retry_min_s=0.2, retry_max_s=1.0)
         t0 = time.monotonic()
         assert tracker.start(None, params, tags, wait_s=20) is None
         assert time.monotonic() - t0 < 10
@@ -74,7 +91,7 @@ def test_server_lifecycle_outage_and_resume(tmp_path: Path, capfd, monkeypatch) 
         client = MlflowClient(tracking_uri=server.uri)
         run = client.get_run(run_id)
         assert run.info.status == "RUNNING" and run.info.run_name == "lifecycle"
-        assert tracker.run_url == f"{server.uri}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+        assert tracker.run_url == f"http://***@127.0.0.1:{server.port}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
         assert run.data.params == params
         assert run.data.params["model.d_model"] == str(cfg.model.d_model)
         for key in ("engine", "world_size", "slurm_job_id", "git_commit", "host"):
@@ -89,8 +106,9 @@ def test_server_lifecycle_outage_and_resume(tmp_path: Path, capfd, monkeypatch) 
         assert tracker.flush(30)
         assert [a.path for a in client.list_artifacts(run_id)] == ["resolved.yaml"]
 
-        # 2. Outage, first a frozen server (requests hang), then a dead one: logging never blocks.
-        capfd.readouterr()
+        # 2. Outage, first a frozen server (requests hang), then a dead one: logging never blocks;
+        # the values of MLflow's asynchronous batches that fail go into the outage buffer.
+        printed.append(capfd.readouterr())
         os.killpg(server.proc.pid, signal.SIGSTOP)
         worst = _log_steps(tracker, range(40, 140))
         time.sleep(1.0)  # the sender is now stuck in a request to the frozen server
@@ -109,7 +127,8 @@ def test_server_lifecycle_outage_and_resume(tmp_path: Path, capfd, monkeypatch) 
         server.start()
         assert tracker.flush(60)
         _assert_steps_once(client, run_id, range(0, 400))
-        err = capfd.readouterr().err
+        printed.append(capfd.readouterr())
+        err = printed[-1].err
         assert err.count("is unreachable") == 1, err
         assert "reachable again" in err
         assert tracker.finish("FINISHED", timeout=30)
@@ -117,7 +136,7 @@ def test_server_lifecycle_outage_and_resume(tmp_path: Path, capfd, monkeypatch) 
 
         # 4. A resumed job continues the same run; a changed param becomes a tag.
         resumed = dict(params, **{"train.max_steps": "999", "extra.new_key": "1"})
-        tracker2 = MLflowTracker(server.uri, "slam-test", "lifecycle", retry_min_s=0.2, retry_max_s=1.0)
+        tracker2 = MLflowTracker(uri, "slam-test", "lifecycle", retry_min_s=0.2, retry_max_s=1.0)
         assert tracker2.start(run_id, resumed, dict(tags, slurm_job_id="4243")) == run_id
         _log_steps(tracker2, range(400, 410))
         assert tracker2.flush(30)
@@ -131,6 +150,9 @@ def test_server_lifecycle_outage_and_resume(tmp_path: Path, capfd, monkeypatch) 
         _assert_steps_once(client, run_id, range(0, 410))
         assert client.get_run(run_id).info.status == "KILLED"
         assert len(client.search_runs([run.info.experiment_id])) == 1  # one run for the whole job
+        printed.append(capfd.readouterr())
+        shown = "".join(c.out + c.err for c in printed)
+        assert secret not in shown and "Failed to log run data" not in shown and "View run" not in shown, shown
     finally:
         server.stop(kill=True)
 
@@ -145,6 +167,7 @@ def test_default_sqlite_store(tmp_path: Path, monkeypatch) -> None:
     tracker = make_tracker(cfg, is_main=True)
     assert isinstance(tracker, MLflowTracker)
     assert tracker.uri == f"sqlite:///{(tmp_path / 'run' / 'mlflow.db').resolve()}"
+    before = dict(os.environ)
     run_id = tracker.start(None, run_params(cfg), run_tags(cfg, world_size=1))
     assert run_id
     _log_steps(tracker, range(1500))  # more than one 1000-metric batch
@@ -152,6 +175,7 @@ def test_default_sqlite_store(tmp_path: Path, monkeypatch) -> None:
     (tmp_path / "note.txt").write_text("hello")
     tracker.log_artifact(tmp_path / "note.txt")
     assert tracker.finish("FINISHED", timeout=60)
+    assert _env_changes(before) == {}  # a local store needs no process-wide setting
     assert tracker.stats.rejected_metrics == 2
     client = MlflowClient(tracking_uri=tracker.uri)
     run = client.get_run(run_id)
@@ -181,11 +205,11 @@ def test_uri_resolution_and_overflow(tmp_path: Path, monkeypatch, capfd) -> None
     assert not tracker.finish("FINISHED", timeout=1)
     err = capfd.readouterr().err
     assert err.count("buffer full") == 1 and err.count("is unreachable") == 1, err
-    assert "unreachable for the whole run: 50 metric values and 4 other operations" in err
+    assert "unreachable for the whole run: 50 metric values and 3 other operations" in err
     NullTracker().log_metrics({"x": 1.0}, step=0)  # the other ranks' tracker: a no-op
 
 
-def test_unreachable_throughout_exits_without_stall_and_hides_credentials(tmp_path: Path, capfd) -> None:
+def test_unreachable_throughout_exits_without_stall_and_hides_credentials(tmp_path: Path, capfd, monkeypatch) -> None:
     """Issue 10.12 and 10.3: a server that never answered gets one last try at exit (it used to be
     retried for the whole 60 s exit timeout), the not-sent count is one line, and no warning shows
     the password in the URI. Asserted on counts, not on time."""
@@ -193,8 +217,14 @@ def test_unreachable_throughout_exits_without_stall_and_hides_credentials(tmp_pa
     uri = f"http://trainer:{secret}@127.0.0.1:{free_port()}"
     # Long backoff: the sender retries only when flush()/finish() wake it, so the count below is
     # what finish() itself caused.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "7")  # the user's own setting
+    before = dict(os.environ)
     tracker = MLflowTracker(uri, "x", retry_min_s=600, retry_max_s=600)
+    assert _env_changes(before) == {}  # constructing a tracker changes nothing
     assert tracker.start(None, {"a": 1}, {"b": "2"}, wait_s=20) is None
+    # Only the HTTP settings MLflow reads from nowhere else, only those unset (see tracking.py).
+    assert _env_changes(before) == {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+                                    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
     _log_steps(tracker, range(12))
     tracker.log_artifact(tmp_path)
     assert not tracker.flush(30)  # a checkpoint's flush: one retry, then False
@@ -205,7 +235,7 @@ def test_unreachable_throughout_exits_without_stall_and_hides_credentials(tmp_pa
     lines = [line for line in err.splitlines() if line.startswith("tracking:")]
     assert sum("is unreachable" in line for line in lines) == 1, err
     done = [line for line in lines if "unreachable for the whole run" in line]
-    assert len(done) == 1 and "24 metric values and 5 other operations (creating the run, params, tags, " \
+    assert len(done) == 1 and "24 metric values and 4 other operations (creating the run, its params and tags, " \
         "artifacts, its final status) were not sent" in done[0], err
     assert secret not in err and "http://***@127.0.0.1:" in err
 
