@@ -16,11 +16,12 @@ out_dir/abandoned/<time>/    what --resume never (or a resume from an older step
 
 Publishing: every rank writes into ``.tmp_step_XXXXXXXX/``; rank 0 writes the small files, every
 node fsyncs what it wrote, the ranks hash a share of the files each and rank 0 writes
-``files.json``; then rank 0 points ``latest`` at the new name (temp file + rename) and renames the
-directory to ``step_XXXXXXXX`` (the commit point) and fsyncs the parent. A directory without its
-final name is never loaded; ``latest`` is followed when it names a checkpoint that verifies, else
-the newest older one that does, so a run killed at any moment resumes from the newest complete
-checkpoint, and a damaged one (a truncated file) is skipped with a message. Retention keeps the
+``files.json`` (which also names the checkpoint this one follows); then rank 0 renames the
+directory to ``step_XXXXXXXX`` (the commit point), fsyncs the parent, and replaces ``latest``
+(temp file + rename). A directory without its final name is never loaded. ``latest`` is followed
+(one step further when the rename happened but the pointer update did not), never a higher step
+of another run; a checkpoint that does not verify (a truncated file) is skipped with a message
+for the newest older one that does. Retention keeps the
 last ``keep_last`` checkpoints plus every ``keep_every``-th step; a deleted one is first renamed
 to a dot name so a half-deleted directory never looks complete. Every failure (a write error on
 any rank, a damaged file) is one ``UserError`` line naming the file; a failed save removes its
@@ -57,7 +58,8 @@ if TYPE_CHECKING:
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
 REQUIRED = ("engine", "engine.json", "trainer_state.json", "config.yaml", "rank_00000.pt")
-FILES = "files.json"  # {"format": 1, "files": {relative path: {"size": bytes, "sha256": hex}}}
+# {"format": 1, "previous": "step_..." or null, "files": {relative path: {"size": bytes, "sha256": hex}}}
+FILES = "files.json"
 ABANDONED = "abandoned"  # out_dir/abandoned/<time>/: runs and branches set aside, laid out as an out_dir
 VERIFY_MODES = ("size", "full", "none")
 
@@ -214,20 +216,37 @@ def _pointer_step(root: Path) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
+def _previous_of(path: Path) -> Optional[str]:
+    """The checkpoint ``path`` follows in its run (files.json), or None when unknown."""
+    try:
+        return json.loads((path / FILES).read_text()).get("previous")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def find_latest(out_dir: Union[str, Path], verify: str = "size",
                 on_skip: Optional[Callable[[Path, str], None]] = None) -> Optional[Path]:
     """The checkpoint a resume of the run in ``out_dir`` continues from, or None.
 
-    ``latest`` names the run's newest checkpoint; it is followed when that checkpoint verifies
-    (``verify``: size, full or none, see ``verify_checkpoint``), else the newest older one that
-    does is taken and ``on_skip(path, problem)`` hears about each one passed over. Checkpoints
-    above the pointer are not this run's newest (``latest`` is written before the rename that
-    publishes) and are never chosen over it; ``.tmp_*`` directories are ignored.
+    ``latest`` names the run's newest checkpoint. A higher step is taken only when its
+    ``files.json`` says it follows the pointed one (a kill between the publishing rename and the
+    pointer update); any other higher step is not this run's and is never chosen. The choice is
+    verified (``verify``: size, full or none, see ``verify_checkpoint``); a checkpoint that does
+    not verify is passed over for the newest older one that does, and ``on_skip(path, problem)``
+    hears about it. Without a pointer every complete checkpoint is a candidate; ``.tmp_*``
+    directories are ignored.
     """
     root = Path(out_dir) / "checkpoints"
-    pointer = _pointer_step(root)
-    for step, path in reversed(list_checkpoints(out_dir)):
-        if pointer is not None and step > pointer:
+    complete = list_checkpoints(out_dir)
+    limit = _pointer_step(root)
+    if limit is not None:
+        pointed = step_dir_name(limit)
+        for step, path in complete:
+            if step > limit and _previous_of(path) == pointed:
+                limit = step
+                break
+    for step, path in reversed(complete):
+        if limit is not None and step > limit:
             continue
         problem = None if verify == "none" else verify_checkpoint(path, full=verify == "full")
         if problem is None:
@@ -429,6 +448,7 @@ class CheckpointManager:
         self.local_rank = dist.local_rank if dist else 0
         self.is_main = self.rank == 0
         self.world_changed = False  # set by load()
+        self.previous: Optional[str] = None  # the checkpoint the next save follows (files.json)
         # Rank 0 checks that out_dir is writable before anything is written, and every rank hears
         # the outcome (an error on rank 0 alone would leave the others waiting at a barrier).
         self._agree(self._on_main(self._prepare_dir))
@@ -495,7 +515,10 @@ class CheckpointManager:
         decision = broadcast_object(decision)
         if decision["error"]:
             raise UserError(decision["error"])
-        return Path(decision["path"]) if decision["path"] else None
+        chosen = Path(decision["path"]) if decision["path"] else None
+        in_root = chosen is not None and chosen.parent.resolve() == self.root.resolve()
+        self.previous = chosen.name if in_root else None
+        return chosen
 
     def _say(self, line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -563,6 +586,7 @@ class CheckpointManager:
                 time.sleep(pause)
             error = self._write_files_manifest(tmp)
             self._agree(error or self._on_main(lambda: (self._publish(tmp, final), self._retain())))
+            self.previous = name
         except UserError as e:
             if self.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -620,19 +644,17 @@ class CheckpointManager:
         for _, part in gathered:
             table.update(part)
         return self._attempt(lambda: _write_text(tmp / FILES, json.dumps(
-            {"format": 1, "files": dict(sorted(table.items()))}, indent=1)), tmp)
+            {"format": 1, "previous": self.previous, "files": dict(sorted(table.items()))}, indent=1)), tmp)
 
     def _publish(self, tmp: Path, final: Path) -> None:
-        # ``latest`` first: until the rename it names a directory that does not exist yet, and
-        # find_latest takes the newest older checkpoint; after it, it is right at once.
-        _replace_atomically(self.root / "latest", final.name)
         old = None
         if final.exists():  # the same step saved again (e.g. a signal right after a resume)
             old = self.root / f".del_{final.name}"
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
-        os.replace(tmp, final)  # the commit point
+        os.replace(tmp, final)  # the commit point (files.json names ``latest``'s target as previous)
         _fsync_dir(self.root)
+        _replace_atomically(self.root / "latest", final.name)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 

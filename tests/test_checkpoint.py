@@ -236,10 +236,12 @@ def test_find_latest_rules(tmp_path: Path) -> None:
     latest = tmp_path / "checkpoints" / "latest"
     latest.write_text("step_00000009")  # points at nothing
     assert find_latest(tmp_path) == s2
-    # ``latest`` is written before the rename that publishes, so it never lags behind this run's
-    # newest checkpoint: a higher step beside it is not this run's, and is never chosen over it.
+    # A higher step beside ``latest`` is another run's (never chosen over it) unless its
+    # files.json says it follows the pointed one: killed between the rename and the pointer update.
     latest.write_text("step_00000001")
     assert find_latest(tmp_path) == s1
+    (s2 / "files.json").write_text(json.dumps({"format": 1, "previous": "step_00000001", "files": {}}))
+    assert find_latest(tmp_path) == s2
     latest.write_text("step_00000002")
     assert find_latest(tmp_path) == s2
     assert is_complete(s1) and not is_complete(tmp_path / "checkpoints" / "step_00000003")

@@ -78,6 +78,11 @@ def _step(out: Path, step: int) -> Path:
     return out / "checkpoints" / f"step_{step:08d}"
 
 
+def _previous(checkpoint: Path) -> str:
+    """The checkpoint ``checkpoint`` follows in its run, as its files.json records it."""
+    return json.loads((checkpoint / "files.json").read_text())["previous"]
+
+
 # The files of a checkpoint that a truncation used to turn into a long traceback.
 DAMAGE = {
     "model_states": lambda d: next((d / "engine").rglob("*_model_states.pt")),
@@ -102,6 +107,7 @@ def test_resume_never_sets_the_old_run_aside(finished_run, tiny_manifest, tmp_pa
     assert "resumed from" not in r.stdout
     assert latest_step(out) == 6 and find_latest(out) == _step(out, 6)
     assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000003", "step_00000006"]
+    assert _previous(_step(out, 3)) is None and _previous(_step(out, 6)) == "step_00000003"
     from safetensors import safe_open
 
     with safe_open(str(out / "export" / "model.safetensors"), framework="pt") as f:
@@ -201,6 +207,7 @@ def test_damaged_checkpoint_through_the_cli(finished_run, tiny_manifest, tmp_pat
     assert f"resumed from step 4 ({_step(out, 4)})" in r.stdout
     assert losses(out) == losses(finished_run)
     assert verify_checkpoint(_step(out, 8)) is None and latest_step(out) == 8
+    assert _previous(_step(finished_run, 8)) == "step_00000004" and _previous(_step(out, 8)) == "step_00000004"
     (aside,) = list((out / "abandoned").iterdir())
     assert (aside / "checkpoints" / "step_00000008").is_dir()  # the damaged one, kept for inspection
 
