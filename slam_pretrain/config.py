@@ -214,14 +214,26 @@ class _NonFinite(ConfigError):
     """A float that is NaN or infinite (the message says so, whatever else the type allows)."""
 
 
+def _check_finite(value: Any, key: str) -> None:
+    """Refuse NaN and infinities, also inside free-form values (``data.sources[0].weight``,
+    ``engine.deepspeed_extra``), naming the nested key."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _NonFinite(f"{key}={value!r} is invalid: must be a finite number (not .nan or .inf)")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, f"{key}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_finite(v, f"{key}[{i}]")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return it converted (int -> float only).
 
     Floats must be finite wherever they appear: YAML's ``.nan``/``.inf`` (or ``nan`` / ``1e999``
     on the command line) pass every ``<``/``>`` check in ``validate()`` and fail much later.
     """
-    if isinstance(value, float) and not math.isfinite(value):
-        raise _NonFinite(f"{key}={value!r} is invalid: must be a finite number (not .nan or .inf)")
+    _check_finite(value, key)
     origin = typing.get_origin(tp)
     err = ConfigError(f"{key}={value!r} is invalid: expected {_type_name(tp)}")
     if tp is Any:
