@@ -48,8 +48,8 @@ import numpy as np
 import torch
 import yaml
 
-from data_pipeline.storage import sha256_of
-from slam_pretrain.distributed import all_gather_object, barrier, broadcast_object
+from data_pipeline.storage import atomic_write, fsync_dir, sha256_of
+from slam_pretrain.distributed import all_gather_object, broadcast_object
 from slam_pretrain.errors import UserError, write_error
 
 if TYPE_CHECKING:
@@ -110,24 +110,11 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path) -> None:
     for dirpath, _, files in os.walk(root):
         for f in files:
             _fsync_file(Path(dirpath) / f)
-        _fsync_dir(Path(dirpath))
+        fsync_dir(Path(dirpath))
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -135,13 +122,6 @@ def _write_text(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _replace_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    _write_text(tmp, text)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,9 +288,9 @@ def set_aside(out_dir: Union[str, Path], after_step: Optional[int], reason: str)
     if after_step is None:
         (root / "latest").unlink(missing_ok=True)
     else:
-        _replace_atomically(root / "latest", step_dir_name(after_step))
-    _fsync_dir(root)
-    _fsync_dir(out_dir)
+        atomic_write(root / "latest", step_dir_name(after_step))
+    fsync_dir(root)
+    fsync_dir(out_dir)
     return dest, [s for s, _ in steps]
 
 
@@ -653,8 +633,8 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
         os.replace(tmp, final)  # the commit point (files.json names ``latest``'s target as previous)
-        _fsync_dir(self.root)
-        _replace_atomically(self.root / "latest", final.name)
+        fsync_dir(self.root)
+        atomic_write(self.root / "latest", final.name)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -673,7 +653,7 @@ class CheckpointManager:
                           flush=True)
                     continue
                 shutil.rmtree(doomed, ignore_errors=True)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     # -- load -------------------------------------------------------------------------------
     def load(self, path: Union[str, Path], engine: "Engine", *, config: Any = None,

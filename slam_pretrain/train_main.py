@@ -8,7 +8,6 @@ uninterrupted run.
 
 from __future__ import annotations
 
-import os
 import random
 import sys
 from pathlib import Path
@@ -55,6 +54,26 @@ def _export_final(latest: Optional[Path], out_dir: Path, tracker: Any) -> None:
     print(f"exported {out}", flush=True)
 
 
+def resume_state(ckpt: Any, resume: str, engine: Any, loader: Any, cfg: Config, checksums: dict[str, Any],
+                 main: bool) -> tuple[Any, Optional[Path]]:
+    """(TrainerState, the checkpoint resumed from or None) for ``--resume auto|never|PATH``: the
+    engine, the loader and the RNG states are restored from it (the checkpoint is verified first;
+    what belongs to another run or an abandoned branch is moved aside by ``resume_point``)."""
+    from slam_pretrain.checkpoint import restore_rng
+    from slam_pretrain.trainer import TrainerState
+
+    resume_path = ckpt.resume_point(resume)
+    if resume_path is None:
+        return TrainerState(), None
+    trainer_state, rank_state, _world_changed = ckpt.load(resume_path, engine, config=cfg, checksums=checksums)
+    state = TrainerState.from_dict(trainer_state)
+    loader.load_state_dict(rank_state["loader"])
+    restore_rng(rank_state["rng"])
+    if main:
+        print(f"resumed from step {state.step} ({resume_path})", flush=True)
+    return state, resume_path
+
+
 def run_training(cfg: Config, resume: str = "auto") -> int:
     from slam_pretrain.trainer import StopFlag
 
@@ -65,14 +84,14 @@ def run_training(cfg: Config, resume: str = "auto") -> int:
     from data_pipeline.manifest import check_compatible, load_manifest
     from data_pipeline.storage import sha256_of
     from slam_pretrain.callbacks import CheckpointCallback, LogCallback, TrackingCallback
-    from slam_pretrain.checkpoint import CheckpointManager, capture_rng, restore_rng
+    from slam_pretrain.checkpoint import CheckpointManager, capture_rng
     from slam_pretrain.distributed import destroy, init_distributed
     from slam_pretrain.engine import build_engine, grad_accum_steps
     from slam_pretrain.metrics import ConsoleSink, JsonlSink, memory_gb, peak_flops
     from slam_pretrain.model import SLAMv1LM, count_params, flops_per_token
     from slam_pretrain.optim import lr_at
     from slam_pretrain.tracking import make_tracker, run_params, run_tags
-    from slam_pretrain.trainer import Trainer, TrainerState
+    from slam_pretrain.trainer import Trainer
 
     manifest_loc = _manifest_location(cfg)
     manifest = load_manifest(manifest_loc)
@@ -110,17 +129,7 @@ def run_training(cfg: Config, resume: str = "auto") -> int:
     tokenizer_path = manifest.tokenizer_path() if main else None
     checksums = {"tokenizer_sha256": manifest.tokenizer_sha256,
                  "manifest_sha256": sha256_of(manifest_loc)}
-    state = TrainerState()
-    # Verified; what belongs to another run (or a damaged/abandoned branch) is moved aside first.
-    resume_path = ckpt.resume_point(resume)
-    if resume_path is not None:
-        trainer_state, rank_state, _world_changed = ckpt.load(
-            resume_path, engine, config=cfg, checksums=checksums)
-        state = TrainerState.from_dict(trainer_state)
-        loader.load_state_dict(rank_state["loader"])
-        restore_rng(rank_state["rng"])
-        if main:
-            print(f"resumed from step {state.step} ({resume_path})", flush=True)
+    state, resume_path = resume_state(ckpt, resume, engine, loader, cfg, checksums, main)
 
     tracker = make_tracker(cfg, is_main=main, out_dir=out_dir)
     if main:

@@ -80,7 +80,7 @@ def _split(rows: list, cfg: Config) -> tuple[list, list]:
 def run_finetune(cfg: Config, init: str, resume: str = "auto") -> int:
     """Fine-tune the trunk of ``init`` with a classification head; returns an exit code."""
     from slam_pretrain.callbacks import CheckpointCallback, LogCallback, TrackingCallback
-    from slam_pretrain.checkpoint import CheckpointManager, capture_rng, restore_rng
+    from slam_pretrain.checkpoint import CheckpointManager, capture_rng
     from slam_pretrain.distributed import destroy, init_distributed
     from slam_pretrain.engine import build_engine, grad_accum_steps
     from slam_pretrain.export import load_model
@@ -88,8 +88,8 @@ def run_finetune(cfg: Config, init: str, resume: str = "auto") -> int:
     from slam_pretrain.model import flops_per_token
     from slam_pretrain.optim import lr_at
     from slam_pretrain.tracking import make_tracker, run_params, run_tags
-    from slam_pretrain.train_main import EXIT_OK, EXIT_SIGNAL, _seed_all
-    from slam_pretrain.trainer import StopFlag, TrainerState
+    from slam_pretrain.train_main import EXIT_OK, EXIT_SIGNAL, _seed_all, resume_state
+    from slam_pretrain.trainer import StopFlag
 
     stop_flag = StopFlag().install()
     ft = cfg.finetune
@@ -127,15 +127,7 @@ def run_finetune(cfg: Config, init: str, resume: str = "auto") -> int:
     tokenizer_path = _tokenizer_file(meta)
     checksums = {"tokenizer_sha256": meta["tokenizer_sha256"]}
 
-    state = TrainerState()
-    resume_path = ckpt.resume_point(resume)
-    if resume_path is not None:
-        trainer_state, rank_state, _ = ckpt.load(resume_path, engine, config=cfg, checksums=checksums)
-        state = TrainerState.from_dict(trainer_state)
-        loader.load_state_dict(rank_state["loader"])
-        restore_rng(rank_state["rng"])
-        if main:
-            print(f"resumed from step {state.step} ({resume_path})", flush=True)
+    state, resume_path = resume_state(ckpt, resume, engine, loader, cfg, checksums, main)
 
     tracker = make_tracker(cfg, is_main=main, out_dir=out_dir)
     if main:
