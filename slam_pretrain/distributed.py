@@ -259,9 +259,15 @@ def all_reduce_mean(value: float) -> float:
     return total / dist.get_world_size() if _active() else total
 
 
-def all_reduce_any(flag: bool) -> bool:
-    """True when ``flag`` is true on any rank."""
-    return all_reduce_max(1.0 if flag else 0.0) > 0.0
+def all_reduce_any(flag: "bool | torch.Tensor") -> bool:
+    """True when ``flag`` is true on any rank. A tensor flag (0-d, bool or float, on the training
+    device) is reduced where it lives, so the caller pays one host sync, not two."""
+    if not isinstance(flag, torch.Tensor):
+        return all_reduce_max(1.0 if flag else 0.0) > 0.0
+    t = flag.detach().to(torch.float32).reshape(1)
+    if _active() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

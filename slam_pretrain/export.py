@@ -44,7 +44,6 @@ EXPORT_FORMAT = "slam-pretrain-export-v1"
 SUFFIX = ".safetensors"
 TIED = {"lm_head.weight": "tok_emb.weight"}  # tied name -> the name stored
 # Wrapper prefixes an engine may leave on parameter names (DDP/DeepSpeed, torch.compile, AC).
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
 
 PathLike = Union[str, os.PathLike]
 
@@ -159,17 +158,6 @@ def model_config_from_dict(d: dict[str, Any], source: str) -> "ModelConfig":
 # ---------------------------------------------------------------------------------------------
 # Weights.
 
-def _clean_name(name: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _WRAPPER_PREFIXES:
-            if name.startswith(prefix):
-                name, changed = name[len(prefix):], True
-            name = name.replace("." + prefix, ".")
-    return name
-
-
 def _consolidate(step_dir: Path, engine_meta: dict[str, Any]) -> dict[str, torch.Tensor]:
     from slam_pretrain.engine import consolidated_state_dict
 
@@ -186,7 +174,7 @@ def _consolidate(step_dir: Path, engine_meta: dict[str, Any]) -> dict[str, torch
                             f"({str(e).strip().splitlines()[0][:160]})") from None
         sys.stderr.write(chatter.getvalue())
         raise
-    return {_clean_name(k): v.detach().to(torch.float32).contiguous() for k, v in sd.items()}
+    return {k: v.detach().to(torch.float32).contiguous() for k, v in sd.items()}
 
 
 def _check_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], tied: dict[str, str], source: str) -> None:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 
 from slam_pretrain.errors import ConfigError
 
@@ -37,14 +36,6 @@ def grad_accum_steps(train: "TrainConfig", world_size: int) -> int:
             f"train.global_batch_size={train.global_batch_size} is invalid for {world_size} process(es): must be "
             f"a multiple of train.micro_batch_size x world size = {train.micro_batch_size} x {world_size} = {per_step}")
     return train.global_batch_size // per_step
-
-
-def any_rank(flag: torch.Tensor) -> bool:
-    """True when the 0-d bool/float tensor ``flag`` is set on any rank (one all-reduce)."""
-    t = flag.detach().to(torch.float32).reshape(1)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
 
 
 class Engine(ABC):

@@ -45,7 +45,8 @@ import torch
 from torch import nn
 
 from slam_pretrain.engine.activation_checkpointing import apply_activation_checkpointing
-from slam_pretrain.engine.base import Engine, StepResult, any_rank, grad_accum_steps
+from slam_pretrain.distributed import all_reduce_any
+from slam_pretrain.engine.base import Engine, StepResult, grad_accum_steps
 from slam_pretrain.engine.deepspeed_shims import disable_shm_comm, ds_safe_load, quiet_untested_optimizer_warning
 from slam_pretrain.errors import ConfigError, UserError
 from slam_pretrain.optim import param_groups
@@ -201,7 +202,7 @@ class DeepSpeedEngine(Engine):
 
     def optimizer_step(self, lr: float) -> StepResult:
         self._check_boundary()
-        skip = any_rank(self._loss_bad | self._local_grad_bad())
+        skip = all_reduce_any(self._loss_bad | self._local_grad_bad())
         own_norm: Optional[float] = None
         if self.cfg.engine.zero_stage == 0:  # ZeRO-0 fp32 does not record the norm; grads are all-reduced here
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]

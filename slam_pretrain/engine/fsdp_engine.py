@@ -25,7 +25,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from slam_pretrain.engine.activation_checkpointing import apply_activation_checkpointing
-from slam_pretrain.engine.base import Engine, StepResult, any_rank
+from slam_pretrain.distributed import all_reduce_any
+from slam_pretrain.engine.base import Engine, StepResult
 from slam_pretrain.errors import ConfigError, UserError
 from slam_pretrain.optim import build_optimizer
 
@@ -80,7 +81,7 @@ class FSDPEngine(Engine):
         if isinstance(norm, DTensor):  # partial per-shard norms -> the global norm (a collective)
             norm = norm.full_tensor()
         # The norm is already global; the loss flag is per rank, so reduce (bad loss OR bad norm).
-        skipped = any_rank(self._loss_bad | ~torch.isfinite(norm))
+        skipped = all_reduce_any(self._loss_bad | ~torch.isfinite(norm))
         grad_norm = float(norm.item())
         if not skipped:
             if self.cfg.train.grad_clip > 0:
