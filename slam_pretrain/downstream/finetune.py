@@ -137,11 +137,13 @@ def run_finetune(cfg: Config, init: str, resume: str = "auto") -> int:
         (out_dir / "config.yaml").write_text(cfg.to_yaml())
         tracker.log_artifact(out_dir / "config.yaml")
 
+    saved: list[Path] = []  # what this run wrote: the done line names it
+
     def save(step: int) -> None:
         trainer.state.tracking_run_id = tracker.run_id or trainer.state.tracking_run_id
-        ckpt.save(step, engine, rank_state={"rng": capture_rng(), "loader": loader.state_dict()},
-                  trainer_state=trainer.state.to_dict(), config_yaml=cfg.to_yaml(), checksums=checksums,
-                  tokenizer_path=tokenizer_path)
+        saved[:] = [ckpt.save(step, engine, rank_state={"rng": capture_rng(), "loader": loader.state_dict()},
+                              trainer_state=trainer.state.to_dict(), config_yaml=cfg.to_yaml(),
+                              checksums=checksums, tokenizer_path=tokenizer_path)]
 
     callbacks: list = []
     if main:
@@ -168,7 +170,7 @@ def run_finetune(cfg: Config, init: str, resume: str = "auto") -> int:
     if main:
         tracker.finish("FINISHED" if status == "done" else "KILLED" if status == "signal" else "FAILED")
         print(f"{'done' if status == 'done' else 'stopped (' + status + ')'}: {trainer.state.step} steps; "
-              f"checkpoint {ckpt.find_latest()}", flush=True)
+              f"checkpoint {saved[0] if saved else ckpt.find_latest()}", flush=True)
     destroy()
     return EXIT_SIGNAL if status == "signal" else EXIT_OK if status == "done" else 3
 
