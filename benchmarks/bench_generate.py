@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from slam_pretrain.kv_cache import decode_step, prefill
+from slam_pretrain.model.kv_cache import decode_step, prefill
 from slam_pretrain.model import ModelConfig, SLAMv1LM
 
 

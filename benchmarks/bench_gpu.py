@@ -10,7 +10,7 @@ Every ratio is against a baseline measured in the same run:
      model with one segment spanning the sequence ("same depth", dense attention in every block).
   4. Long context (the 32K preset's 1B model, batch 1): peak memory and step time of forward +
      backward at 32K and 64K tokens, activation checkpointing none / ef_cycles / all, SLAM vs same-depth.
-The model code is slam_pretrain/model.py; activation checkpointing is the engine's own helper.
+The model code is slam_pretrain/model/slam_v1.py; activation checkpointing is the engine's own helper.
 """
 
 from __future__ import annotations

@@ -124,7 +124,7 @@ def worker_bare(args: argparse.Namespace) -> None:
     from data_pipeline.manifest import load_manifest
     from slam_pretrain.config import load_config
     from slam_pretrain.model import SLAMv1LM
-    from slam_pretrain.optim import lr_at, param_groups
+    from slam_pretrain.engine.optim import lr_at, param_groups
 
     torch.set_num_threads(args.threads)
     cfg = load_config(str(CONFIG), args.set)
@@ -475,7 +475,7 @@ def run_ac(mode: str, engine: str, seq_len: int, steps: int, threads: int, out_d
 def measure_peak(threads: int, seconds: float) -> float:
     import torch
 
-    from slam_pretrain.metrics import measure_matmul_flops
+    from slam_pretrain.training.metrics import measure_matmul_flops
 
     torch.set_num_threads(threads)
     return measure_matmul_flops(torch.device("cpu"), "fp32", n=1024, seconds=seconds)

@@ -67,7 +67,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from slam_pretrain.generate import generate_cli
+    from slam_pretrain.downstream.generate import generate_cli
 
     return generate_cli(args)
 
@@ -79,7 +79,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         out = export_hf(args.checkpoint, args.out, notify=lambda line: print(line, file=sys.stderr))
         print(f"wrote {out}/ (Hugging Face: AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True))")
         return 0
-    from slam_pretrain.export import export_checkpoint, export_paths
+    from slam_pretrain.downstream.export import export_checkpoint, export_paths
 
     weights, config, tokenizer = export_paths(export_checkpoint(args.checkpoint, args.out))
     print(f"wrote {weights} (+ {config.name}, {tokenizer.name})")

@@ -16,7 +16,7 @@ PROMPT = "def main("
 
 def run_demo(args: argparse.Namespace) -> int:
     from data_pipeline.prepare import prepare_from_config
-    from slam_pretrain.generate import generate_cli
+    from slam_pretrain.downstream.generate import generate_cli
     from slam_pretrain.train_main import run_training
 
     t0 = time.perf_counter()
@@ -31,7 +31,7 @@ def run_demo(args: argparse.Namespace) -> int:
     gen_args = argparse.Namespace(checkpoint=cfg.run.out_dir, input=PROMPT, max_new_tokens=48,
                                   temperature=0.0, top_k=0, top_p=1.0, seed=0, device="cpu")
     generate_cli(gen_args)
-    from slam_pretrain.tracking import resolve_tracking_uri, ui_command
+    from slam_pretrain.training.tracking import resolve_tracking_uri, ui_command
 
     out = Path(cfg.run.out_dir).resolve()
     store = resolve_tracking_uri(cfg.tracking.uri, out)

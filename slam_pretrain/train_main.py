@@ -8,27 +8,14 @@ uninterrupted run.
 
 from __future__ import annotations
 
-import random
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
-import torch
 
 from slam_pretrain.config import Config
 from slam_pretrain.errors import UserError
-
-EXIT_OK = 0
-EXIT_BAD_STEPS = 3
-EXIT_SIGNAL = 143  # what a shell reports for SIGTERM; the sbatch scripts requeue on it
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
+from slam_pretrain.training.run import EXIT_BAD_STEPS, EXIT_OK, EXIT_SIGNAL, resume_state, seed_all
 
 def _manifest_location(cfg: Config) -> str:
     d = cfg.data.dataset_dir
@@ -44,7 +31,7 @@ def _manifest_location(cfg: Config) -> str:
 def _export_final(latest: Optional[Path], out_dir: Path, tracker: Any) -> None:
     """Consolidated safetensors of the final checkpoint (the one this run just wrote), logged as
     the run's model artifact."""
-    from slam_pretrain.export import export_checkpoint
+    from slam_pretrain.downstream.export import export_checkpoint
 
     if latest is None:
         return
@@ -54,28 +41,8 @@ def _export_final(latest: Optional[Path], out_dir: Path, tracker: Any) -> None:
     print(f"exported {out}", flush=True)
 
 
-def resume_state(ckpt: Any, resume: str, engine: Any, loader: Any, cfg: Config, checksums: dict[str, Any],
-                 main: bool) -> tuple[Any, Optional[Path]]:
-    """(TrainerState, the checkpoint resumed from or None) for ``--resume auto|never|PATH``: the
-    engine, the loader and the RNG states are restored from it (the checkpoint is verified first;
-    what belongs to another run or an abandoned branch is moved aside by ``resume_point``)."""
-    from slam_pretrain.checkpoint import restore_rng
-    from slam_pretrain.trainer import TrainerState
-
-    resume_path = ckpt.resume_point(resume)
-    if resume_path is None:
-        return TrainerState(), None
-    trainer_state, rank_state, _world_changed = ckpt.load(resume_path, engine, config=cfg, checksums=checksums)
-    state = TrainerState.from_dict(trainer_state)
-    loader.load_state_dict(rank_state["loader"])
-    restore_rng(rank_state["rng"])
-    if main:
-        print(f"resumed from step {state.step} ({resume_path})", flush=True)
-    return state, resume_path
-
-
 def run_training(cfg: Config, resume: str = "auto") -> int:
-    from slam_pretrain.trainer import StopFlag
+    from slam_pretrain.training.trainer import StopFlag
 
     # First thing: a preemption signal that lands during the slow start-up is remembered, and the
     # run stops (with a checkpoint) after its first step instead of dying.
@@ -83,15 +50,15 @@ def run_training(cfg: Config, resume: str = "auto") -> int:
     from data_pipeline.loader import build_loader, loader_kwargs
     from data_pipeline.manifest import check_compatible, load_manifest
     from data_pipeline.storage import sha256_of
-    from slam_pretrain.callbacks import CheckpointCallback, LogCallback, TrackingCallback
-    from slam_pretrain.checkpoint import CheckpointManager, capture_rng
+    from slam_pretrain.training.callbacks import CheckpointCallback, LogCallback, TrackingCallback
+    from slam_pretrain.training.checkpoint import CheckpointManager, capture_rng
     from slam_pretrain.distributed import destroy, init_distributed
     from slam_pretrain.engine import build_engine, grad_accum_steps
-    from slam_pretrain.metrics import ConsoleSink, JsonlSink, memory_gb, peak_flops
+    from slam_pretrain.training.metrics import ConsoleSink, JsonlSink, memory_gb, peak_flops
     from slam_pretrain.model import SLAMv1LM, count_params, flops_per_token
-    from slam_pretrain.optim import lr_at
-    from slam_pretrain.tracking import make_tracker, run_params, run_tags
-    from slam_pretrain.trainer import Trainer
+    from slam_pretrain.engine.optim import lr_at
+    from slam_pretrain.training.tracking import make_tracker, run_params, run_tags
+    from slam_pretrain.training.trainer import Trainer
 
     manifest_loc = _manifest_location(cfg)
     manifest = load_manifest(manifest_loc)
@@ -107,7 +74,7 @@ def run_training(cfg: Config, resume: str = "auto") -> int:
     ckpt = CheckpointManager(out_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every, dist_info,
                              verify=cfg.checkpoint.verify)
 
-    _seed_all(cfg.run.seed)
+    seed_all(cfg.run.seed)
     model = SLAMv1LM(cfg.model)
     engine = build_engine(cfg, model, dist_info)
 

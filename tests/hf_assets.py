@@ -19,7 +19,7 @@ MAKE_CHECKPOINTS = r'''
 import json, sys, torch
 from pathlib import Path
 from slam_pretrain.config import config_from_dict
-from slam_pretrain.checkpoint import CheckpointManager
+from slam_pretrain.training.checkpoint import CheckpointManager
 from slam_pretrain.distributed import init_distributed
 from slam_pretrain.engine import build_engine
 from slam_pretrain.model import SLAMv1LM

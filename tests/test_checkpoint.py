@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
-from slam_pretrain.checkpoint import (CheckpointManager, capture_rng, check_compatible, find_latest, is_complete,
+from slam_pretrain.training.checkpoint import (CheckpointManager, capture_rng, check_compatible, find_latest, is_complete,
                                       restore_rng)
 from slam_pretrain.config import Config
 from slam_pretrain.engine import build_engine

@@ -54,7 +54,7 @@ def _tiny_model(seed: int = 0) -> SLAMv1LM:
 
 def test_generate_greedy_and_seeded_sampling(tokenizer_path: Path) -> None:
     from data_pipeline.tokenizer import Tokenizer
-    from slam_pretrain.generate import generate, generate_ids
+    from slam_pretrain.downstream.generate import generate, generate_ids
 
     tok, model = Tokenizer(tokenizer_path), _tiny_model()
     prompt = "def main("
@@ -81,7 +81,7 @@ def test_generate_greedy_and_seeded_sampling(tokenizer_path: Path) -> None:
 
 
 def test_next_token_filters() -> None:
-    from slam_pretrain.generate import next_token
+    from slam_pretrain.downstream.generate import next_token
 
     logits = torch.tensor([0.4, 0.3, 0.05, 0.15, 0.1]).log()  # softmax gives these back
     g = torch.Generator().manual_seed(0)
@@ -124,7 +124,7 @@ _MAKE_CHECKPOINT = r'''
 import json, sys, torch
 from pathlib import Path
 from slam_pretrain.config import config_from_dict
-from slam_pretrain.checkpoint import CheckpointManager
+from slam_pretrain.training.checkpoint import CheckpointManager
 from slam_pretrain.distributed import init_distributed
 from slam_pretrain.engine import build_engine
 from slam_pretrain.model import SLAMv1LM
@@ -156,7 +156,7 @@ with torch.no_grad():
 @pytest.fixture(scope="module")
 def checkpoint_run(tmp_path_factory, tokenizer_path: Path) -> tuple[Path, Path]:
     """(run out_dir, probe file) from a real DeepSpeed ZeRO-1 fp32 run of 2 steps (world 1)."""
-    pytest.importorskip("slam_pretrain.checkpoint", reason="checkpoint manager not written yet")
+    pytest.importorskip("slam_pretrain.training.checkpoint", reason="checkpoint manager not written yet")
     from slam_pretrain.config import Config
 
     root = tmp_path_factory.mktemp("ckpt")
@@ -179,7 +179,7 @@ def checkpoint_run(tmp_path_factory, tokenizer_path: Path) -> tuple[Path, Path]:
 def test_export_round_trip(checkpoint_run: tuple[Path, Path], tmp_path: Path) -> None:
     from safetensors import safe_open
 
-    from slam_pretrain.export import export_checkpoint, export_paths, load_model
+    from slam_pretrain.downstream.export import export_checkpoint, export_paths, load_model
 
     out_dir, probe = checkpoint_run
     ref = torch.load(probe)

@@ -150,7 +150,7 @@ def test_credentials_in_tracking_uri_are_written_and_logged_nowhere(tiny_manifes
 def test_unreachable_tracking_server_no_exit_stall_and_one_count_line(tiny_manifest, tmp_path):
     """10.12: with nothing listening, training finishes (metrics.jsonl complete), the exit makes one
     last try instead of retrying for 60 s, and one line gives the exact count not sent."""
-    from slam_pretrain.callbacks import _MLFLOW_NAMES
+    from slam_pretrain.training.callbacks import _MLFLOW_NAMES
 
     secret = "pw-" + uuid.uuid4().hex
     out = tmp_path / "run"

@@ -94,7 +94,7 @@ def test_export_folder_layout(exports) -> None:
 
 @pytest.mark.parametrize("preset", ["modern", "reference"])
 def test_hf_logits_equal_ours(exports, preset: str) -> None:
-    from slam_pretrain.export import load_model
+    from slam_pretrain.downstream.export import load_model
 
     run, hf_dir = exports[preset]
     ours, _, _ = load_model(run)
@@ -122,9 +122,9 @@ def test_hf_logits_equal_ours(exports, preset: str) -> None:
 
 
 def test_hf_cache_matches_full_forward_and_our_generate(exports) -> None:
-    from slam_pretrain.export import load_model
-    from slam_pretrain.generate import generate_batch, generate_ids
-    from slam_pretrain.kv_cache import decode_step, prefill
+    from slam_pretrain.downstream.export import load_model
+    from slam_pretrain.downstream.generate import generate_batch, generate_ids
+    from slam_pretrain.model.kv_cache import decode_step, prefill
 
     run, hf_dir = exports["modern"]
     ours, _, _ = load_model(run)
@@ -172,8 +172,8 @@ def test_hf_cache_matches_full_forward_and_our_generate(exports) -> None:
 
 
 def test_reference_preset_generates_without_cache(exports) -> None:
-    from slam_pretrain.export import load_model
-    from slam_pretrain.generate import generate_ids
+    from slam_pretrain.downstream.export import load_model
+    from slam_pretrain.downstream.generate import generate_ids
 
     run, hf_dir = exports["reference"]
     ours, _, _ = load_model(run)

@@ -1,5 +1,5 @@
 """The causal-LM contract of revision 2 (shared/spec/slam_model.md): prefix consistency, and the
-exact KV cache it allows (slam_pretrain/kv_cache.py) against the recompute path. fp32, CPU."""
+exact KV cache it allows (slam_pretrain/model/kv_cache.py) against the recompute path. fp32, CPU."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from slam_pretrain.errors import UserError
-from slam_pretrain.generate import generate_batch, generate_ids
-from slam_pretrain.kv_cache import decode_step, prefill
+from slam_pretrain.downstream.generate import generate_batch, generate_ids
+from slam_pretrain.model.kv_cache import decode_step, prefill
 from slam_pretrain.model import PLAN_CACHE_SIZE, ModelConfig, SLAMv1LM
 
 # S=12, O=3, T=9: overlaps [9, 12), [18, 21), ...

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slam_pretrain.metrics import format_record, measure_matmul_flops, mfu, peak_flops
-from slam_pretrain.trainer import Trainer
+from slam_pretrain.training.metrics import format_record, measure_matmul_flops, mfu, peak_flops
+from slam_pretrain.training.trainer import Trainer
 
 
 def _record(**kw):

@@ -9,7 +9,7 @@ import torch
 
 from slam_pretrain.config import TrainConfig
 from slam_pretrain.model import ModelConfig, SLAMv1LM
-from slam_pretrain.optim import build_optimizer, lr_at, param_groups
+from slam_pretrain.engine.optim import build_optimizer, lr_at, param_groups
 
 
 def cfg(**kw) -> TrainConfig:

@@ -17,7 +17,7 @@ import pytest
 
 from mlflow_server import MlflowServer, free_port
 from slam_pretrain.config import Config
-from slam_pretrain.tracking import (HTTP_ENV, MLflowTracker, NullTracker, make_tracker, resolve_tracking_uri,
+from slam_pretrain.training.tracking import (HTTP_ENV, MLflowTracker, NullTracker, make_tracker, resolve_tracking_uri,
                                     run_params, run_tags)
 
 KEYS = ("train/loss", "perf/tokens_per_s")

@@ -22,7 +22,7 @@ from slam_pretrain.config import Config
 from slam_pretrain.downstream.classify import (ExampleLoader, SLAMForClassification, collate, confusion, encode,
                                                majority_baseline, read_jsonl, scores, to_examples)
 from slam_pretrain.errors import UserError
-from slam_pretrain.trainer import Trainer
+from slam_pretrain.training.trainer import Trainer
 
 
 class ClassifierTrainer(Trainer):
@@ -59,7 +59,7 @@ class ClassifierTrainer(Trainer):
 
 
 def _tokenizer_file(meta: dict[str, Any]) -> Path:
-    from slam_pretrain.export import export_paths
+    from slam_pretrain.downstream.export import export_paths
 
     src = Path(meta["source"])
     return export_paths(src)[2] if meta["kind"] == "export" else src / "tokenizer.model"
@@ -79,17 +79,17 @@ def _split(rows: list, cfg: Config) -> tuple[list, list]:
 
 def run_finetune(cfg: Config, init: str, resume: str = "auto") -> int:
     """Fine-tune the trunk of ``init`` with a classification head; returns an exit code."""
-    from slam_pretrain.callbacks import CheckpointCallback, LogCallback, TrackingCallback
-    from slam_pretrain.checkpoint import CheckpointManager, capture_rng
+    from slam_pretrain.training.callbacks import CheckpointCallback, LogCallback, TrackingCallback
+    from slam_pretrain.training.checkpoint import CheckpointManager, capture_rng
     from slam_pretrain.distributed import destroy, init_distributed
     from slam_pretrain.engine import build_engine, grad_accum_steps
-    from slam_pretrain.export import load_model
-    from slam_pretrain.metrics import ConsoleSink, JsonlSink, memory_gb, peak_flops
+    from slam_pretrain.downstream.export import load_model
+    from slam_pretrain.training.metrics import ConsoleSink, JsonlSink, memory_gb, peak_flops
     from slam_pretrain.model import flops_per_token
-    from slam_pretrain.optim import lr_at
-    from slam_pretrain.tracking import make_tracker, run_params, run_tags
-    from slam_pretrain.train_main import EXIT_OK, EXIT_SIGNAL, _seed_all, resume_state
-    from slam_pretrain.trainer import StopFlag
+    from slam_pretrain.engine.optim import lr_at
+    from slam_pretrain.training.tracking import make_tracker, run_params, run_tags
+    from slam_pretrain.training.run import EXIT_OK, EXIT_SIGNAL, resume_state, seed_all
+    from slam_pretrain.training.trainer import StopFlag
 
     stop_flag = StopFlag().install()
     ft = cfg.finetune
@@ -115,7 +115,7 @@ def run_finetune(cfg: Config, init: str, resume: str = "auto") -> int:
     grad_accum = grad_accum_steps(t, world)
     ckpt = CheckpointManager(out_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every, dist_info,
                              verify=cfg.checkpoint.verify)
-    _seed_all(cfg.run.seed)
+    seed_all(cfg.run.seed)
     model = SLAMForClassification(cfg.model, len(ft.labels))
     missing, unexpected = model.load_state_dict(lm.state_dict(), strict=False)
     assert set(missing) == {"score.weight", "score.bias"} and not unexpected, (missing, unexpected)
@@ -181,7 +181,7 @@ def run_finetune(cfg: Config, init: str, resume: str = "auto") -> int:
 def load_classifier(path: str) -> tuple[SLAMForClassification, Any, list[str], dict[str, Any]]:
     """(model in eval mode, tokenizer, class names, info) from a fine-tuning checkpoint or run dir."""
     from data_pipeline.tokenizer import Tokenizer
-    from slam_pretrain.export import _checkpoint_parts, _consolidate, model_config_from_dict, resolve_checkpoint
+    from slam_pretrain.downstream.export import _checkpoint_parts, _consolidate, model_config_from_dict, resolve_checkpoint
 
     step_dir = resolve_checkpoint(path)
     cfg_dict, engine_meta, step, tok_path = _checkpoint_parts(step_dir)

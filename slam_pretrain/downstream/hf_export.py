@@ -33,7 +33,7 @@ import torch
 
 from data_pipeline.storage import atomic_dir
 from slam_pretrain.errors import UserError
-from slam_pretrain.export import load_model
+from slam_pretrain.downstream.export import load_model
 
 HF_EXPORT_FORMAT = "slam-pretrain-hf-v1"
 MARKER = "slam_pretrain.json"

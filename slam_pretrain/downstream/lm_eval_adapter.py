@@ -9,7 +9,7 @@
   (the reference preset) depend on the length, so they score one request at a time.
 - ``loglikelihood_rolling``: lm-eval's disjoint rolling windows of ``max_seq_len`` tokens, the
   first one after EOS (perplexity tasks).
-- ``generate_until``: ``slam_pretrain.generate.generate_batch`` (the exact KV cache), greedy unless
+- ``generate_until``: ``slam_pretrain.downstream.generate.generate_batch`` (the exact KV cache), greedy unless
   the task samples, then cut at the first stop string.
 
 ``evaluate(model, tokenizer, tasks, ...)`` runs ``lm_eval.simple_evaluate`` with a TaskManager
@@ -71,7 +71,7 @@ def _build_lm_class() -> type:
     from lm_eval import utils as lm_utils
     from lm_eval.api.registry import register_model
 
-    from slam_pretrain.generate import generate_batch
+    from slam_pretrain.downstream.generate import generate_batch
 
     class SLAMEvalLM(_template_lm()):
         """lm-eval model over SLAMv1LM and our Tokenizer (see the module docstring)."""
@@ -300,7 +300,7 @@ def eval_cli(args: argparse.Namespace) -> int:
     require_lm_eval()
     from lm_eval.utils import make_table
 
-    from slam_pretrain.export import load_model
+    from slam_pretrain.downstream.export import load_model
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:

@@ -49,7 +49,7 @@ from slam_pretrain.distributed import all_reduce_any
 from slam_pretrain.engine.base import Engine, StepResult, grad_accum_steps
 from slam_pretrain.engine.deepspeed_shims import disable_shm_comm, ds_safe_load, quiet_untested_optimizer_warning
 from slam_pretrain.errors import ConfigError, UserError
-from slam_pretrain.optim import param_groups
+from slam_pretrain.engine.optim import param_groups
 
 if TYPE_CHECKING:
     from slam_pretrain.config import Config

@@ -28,7 +28,7 @@ from slam_pretrain.engine.activation_checkpointing import apply_activation_check
 from slam_pretrain.distributed import all_reduce_any
 from slam_pretrain.engine.base import Engine, StepResult
 from slam_pretrain.errors import ConfigError, UserError
-from slam_pretrain.optim import build_optimizer
+from slam_pretrain.engine.optim import build_optimizer
 
 if TYPE_CHECKING:
     from slam_pretrain.config import Config

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
 import torch
 
 from slam_pretrain.distributed import all_reduce_any, all_reduce_mean
-from slam_pretrain.metrics import mfu
+from slam_pretrain.training.metrics import mfu
 
 
 @dataclass

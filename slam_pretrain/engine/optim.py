@@ -30,7 +30,7 @@ from torch import nn
 
 from slam_pretrain.errors import ConfigError
 
-if TYPE_CHECKING:  # floor 1 must not import config (floor 2) at run time
+if TYPE_CHECKING:  # the engine floor must not import config (a floor above) at run time
     from slam_pretrain.config import TrainConfig
 
 

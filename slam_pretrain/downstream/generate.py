@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from slam_pretrain.errors import UserError
-from slam_pretrain.export import load_model
+from slam_pretrain.downstream.export import load_model
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
@@ -140,13 +140,13 @@ def generate_batch(model: torch.nn.Module, prompts: list[list[int]], max_new_tok
 
 
 def _prefill(model: torch.nn.Module, windows: list[list[int]], capacity: int):
-    from slam_pretrain.kv_cache import prefill
+    from slam_pretrain.model.kv_cache import prefill
 
     return prefill(model, windows, capacity)
 
 
 def _decode(model: torch.nn.Module, cache: Any, tokens: torch.Tensor) -> torch.Tensor:
-    from slam_pretrain.kv_cache import decode_step
+    from slam_pretrain.model.kv_cache import decode_step
 
     return decode_step(model, cache, tokens)
 

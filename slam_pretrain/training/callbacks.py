@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from slam_pretrain.metrics import ConsoleSink, JsonlSink
-from slam_pretrain.trainer import Callback, Trainer
+from slam_pretrain.training.metrics import ConsoleSink, JsonlSink
+from slam_pretrain.training.trainer import Callback, Trainer
 
 
 class LogCallback(Callback):
