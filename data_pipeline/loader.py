@@ -41,14 +41,28 @@ Nothing is seeded from time, pid or hash().
 ``iter()`` starts from the beginning: ceil(N_val / M) rounds, the last one wrapping around to the
 first rows. The same batches every time.
 
-*Integrity.* At start the tokenizer is checked against the manifest's sha256 and every rank
-checks each shard's size (``verify="size"``) or sha256 (``"full"``, reads every shard once); a
-missing, truncated or corrupted shard is a DataError naming it, or, with ``skip_corrupt=True``,
-left out on every rank alike (all ranks see the same files). While reading, each row's name and
-CRC-32 are checked; a damaged row (or a shard that became unreadable) is a CorruptData naming the
+*Integrity.* At start the tokenizer is checked against the manifest's sha256 and each shard's
+size (``verify="size"``) or sha256 (``"full"``, reads every shard once) is checked; a missing,
+truncated or corrupted shard is a DataError naming it, or, with ``skip_corrupt=True``, left out.
+When ``torch.distributed`` is initialized with the loader's rank and world size, the shard checks
+are split across the ranks (rank r checks shards r, r+W, ...: each file is stat'ed, HEADed or
+hashed once per job, not once per rank) and the findings are gathered, so every rank raises the
+same error or leaves out the same shards, hence reads the same row order; building the loader is
+then a collective (every rank builds it, as the trainer does). Without a process group (or with
+one of another size) the loader checks every shard itself, as a single process. While reading,
+each row's name and CRC-32 are checked; a damaged row (or a shard that became unreadable) is a CorruptData naming the
 shard and row, or, with ``skip_corrupt=True``, replaced by the next intact row of the split and
 reported once (see ``_RowSource``): a function of the data only, so every rank, worker count and
 resume decides alike. Errors met in worker processes reach the consumer as the same one line.
+
+*Bounded open files.* A reader (the consumer without workers, or each worker) keeps at most
+``max_open_shards`` shards mapped (``storage.OpenShards``, least recently used closed first), so
+thousands of shards stay under the open-files limit; remote shards are read with range requests
+(no descriptor kept), or from their local copies under the same bound.
+
+*Pinned batches.* With ``pin_memory=True`` (the consumer's device is CUDA, ``loader_kwargs(...,
+device=...)``) each batch is built directly in page-locked memory, so ``.to("cuda",
+non_blocking=True)`` is a real asynchronous copy; without CUDA the flag does nothing.
 
 *Workers die with the trainer:* ``die_with_parent`` (PR_SET_PDEATHSIG) in each worker.
 """
@@ -90,10 +104,13 @@ class _RowSource:
     """
 
     def __init__(self, shards: list[ShardInfo], split: str, fmt: RowFormat, cache_dir: Path, check_crc: bool,
-                 skip_corrupt: bool = False):
+                 skip_corrupt: bool = False, max_open_shards: int = storage.DEFAULT_MAX_OPEN_SHARDS):
         self.split, self.fmt, self.check_crc, self.skip_corrupt = split, fmt, check_crc, skip_corrupt
         self.infos = shards
-        self.files = [storage.ShardFile(s.location, s.bytes, s.sha256, fmt.record_bytes, s.rows, cache_dir)
+        # One bound for all shards of this reader (pickled along: each worker gets its own, empty).
+        self.open_shards = storage.OpenShards(max_open_shards)
+        self.files = [storage.ShardFile(s.location, s.bytes, s.sha256, fmt.record_bytes, s.rows, cache_dir,
+                                        open_shards=self.open_shards)
                       for s in shards]
         self.starts = np.concatenate(([0], np.cumsum([s.rows for s in shards]))).astype(np.int64)
         self._unreadable: dict[int, str] = {}  # shard -> problem (per process: found while reading)
@@ -269,23 +286,25 @@ class TokenLoader:
     def __init__(self, manifest: Manifest, *, rank: int, world_size: int, micro_batch_size: int, seed: int,
                  num_workers: int = 1, split: str = "train", prefetch: int = 4, verify: str = "size",
                  skip_corrupt: bool = False, cache_dir: Optional[Union[str, os.PathLike]] = None,
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, max_open_shards: int = storage.DEFAULT_MAX_OPEN_SHARDS):
         if world_size < 1 or not 0 <= rank < world_size:
             raise DataError(f"loader rank={rank} world_size={world_size} is invalid: need 0 <= rank < world_size")
         if micro_batch_size < 1:
             raise DataError(f"train.micro_batch_size={micro_batch_size} is invalid: must be >= 1")
         if num_workers < 0 or prefetch < 1:
             raise DataError(f"data.num_workers={num_workers} / data.prefetch={prefetch} are invalid: need >= 0 / >= 1")
+        if max_open_shards < 1:
+            raise DataError(f"max_open_shards={max_open_shards} is invalid: must be >= 1")
         if verify not in ("size", "full", "none"):
             raise DataError(f"data.verify_shards={verify!r} is invalid: one of 'size', 'full', 'none'")
         if split not in manifest.splits:
             raise DataError(f"split {split!r} is not in {manifest.location}: one of {sorted(manifest.splits)}")
         self.manifest, self.rank, self.world_size, self.micro_batch_size = manifest, rank, world_size, micro_batch_size
         self.seed, self.split, self.num_workers, self.prefetch = int(seed), split, num_workers, prefetch
-        self.pin_memory = pin_memory
-        manifest.verify_tokenizer()  # a damaged tokenizer.model stops the run here, not at export
+        # Page-locked memory needs CUDA; on a machine without it there is nothing to pin for.
+        self.pin_memory = bool(pin_memory) and torch.cuda.is_available()
         shards = manifest.splits[split].shards
-        bad = _check_shards(shards, verify)
+        bad = _startup_checks(manifest, shards, verify, rank, world_size)
         if bad and not skip_corrupt:
             s, why = bad[0]
             more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
@@ -299,7 +318,7 @@ class TokenLoader:
             raise DataError(f"no usable {split} shard left in {manifest.location}")
         cache = Path(cache_dir) if cache_dir else default_cache_dir(manifest)
         self._source = _RowSource(kept, split, manifest.row_format, cache, check_crc=verify != "none",
-                                  skip_corrupt=skip_corrupt)
+                                  skip_corrupt=skip_corrupt, max_open_shards=max_open_shards)
         pad = manifest.tokenizer.get("pad_id", 0)
         self.pad_id = -1 if pad is None else int(pad)  # None: no pad token, no padded row (tail dropped)
         self._position = 0
@@ -397,17 +416,16 @@ class TokenLoader:
 
     def _batch(self, data: np.ndarray) -> dict[str, torch.Tensor]:
         b, width = data.shape  # [b, L+1]
-        inputs = np.empty((b, width - 1), dtype=np.int64)
-        labels = np.empty((b, width - 1), dtype=np.int64)
+        # Pinned: allocate the tensors page-locked and fill them in place (no second copy to pin).
+        input_ids = torch.empty((b, width - 1), dtype=torch.int64, pin_memory=self.pin_memory)
+        labels_t = torch.empty((b, width - 1), dtype=torch.int64, pin_memory=self.pin_memory)
+        inputs, labels = input_ids.numpy(), labels_t.numpy()
         inputs[...] = data[:, :-1]  # widen and shift in one pass each
         labels[...] = data[:, 1:]
         padded = np.nonzero(data[:, -1] == self.pad_id)[0] if self.pad_id >= 0 else ()  # a split's last row
         for i in list(padded):
             labels[i][labels[i] == self.pad_id] = IGNORE_INDEX
-        batch = {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(labels)}
-        if self.pin_memory:
-            batch = {k: v.pin_memory() for k, v in batch.items()}
-        return batch
+        return {"input_ids": input_ids, "labels": labels_t}
 
     def pop_wait_time(self) -> float:
         """Consumer wait time since the last call (for a per-log-interval ``data_wait_s``)."""
@@ -448,6 +466,61 @@ class TokenLoader:
         self._position = positions.pop()
 
 
+def _checking_rank(index: int, world_size: int) -> int:
+    """The rank that checks shard ``index`` of a split at start-up when the checks are shared."""
+    return index % world_size
+
+
+def _shared_group(rank: int, world_size: int) -> bool:
+    """Whether the start-up checks are shared: torch.distributed is initialized and its default
+    group is exactly this loader's ranks (then every rank builds this loader)."""
+    import torch.distributed as dist
+
+    return (world_size > 1 and dist.is_available() and dist.is_initialized()
+            and dist.get_world_size() == world_size and dist.get_rank() == rank)
+
+
+def _startup_checks(manifest: Manifest, shards: list[ShardInfo], verify: str, rank: int,
+                    world_size: int) -> list[tuple[ShardInfo, str]]:
+    """The tokenizer check and (shard, problem) for each shard failing its check, in manifest order.
+
+    Without a shared group (``_shared_group``) this process checks everything, as before. With
+    one, rank r checks only the shards ``_checking_rank`` gives it and the findings of all ranks
+    are gathered, so every rank gets the same list (the skip decision is the job's, not each
+    rank's). An error on any rank (a damaged tokenizer, an unreachable server) is raised on every
+    rank as the same line, instead of leaving the others waiting in the gather.
+    """
+    if not _shared_group(rank, world_size):
+        manifest.verify_tokenizer()  # a damaged tokenizer.model stops the run here, not at export
+        return _check_shards(shards, verify)
+    import torch.distributed as dist
+
+    mine = [i for i in range(len(shards)) if _checking_rank(i, world_size) == rank]
+    found: list[tuple[int, str]] = []
+    failure: Optional[Exception] = None
+    try:
+        manifest.verify_tokenizer()
+        position = {id(shards[i]): i for i in mine}
+        found = [(position[id(s)], why) for s, why in _check_shards([shards[i] for i in mine], verify)]
+    except Exception as e:  # noqa: BLE001 - every rank must reach the gather; re-raised below
+        failure = e
+    report = {"bad": found, "error": None if failure is None else str(failure),
+              "kind": "corrupt" if isinstance(failure, CorruptData) else
+                      "data" if isinstance(failure, DataError) else type(failure).__name__}
+    reports: list[Any] = [None] * world_size
+    dist.all_gather_object(reports, report)
+    failed = [(r, rep_) for r, rep_ in enumerate(reports) if rep_["error"] is not None]
+    if failed:  # every rank raises the lowest failing rank's error
+        r, first = failed[0]
+        if r == rank and failure is not None:
+            raise failure  # with its traceback
+        if first["kind"] in ("corrupt", "data"):
+            raise (CorruptData if first["kind"] == "corrupt" else DataError)(first["error"])
+        raise DataError(f"rank {r} failed the start-up data checks ({first['kind']}: {first['error']})")
+    problems = {int(i): str(why) for rep_ in reports for i, why in rep_["bad"]}
+    return [(shards[i], problems[i]) for i in sorted(problems)]
+
+
 def _check_shards(shards: list[ShardInfo], verify: str) -> list[tuple[ShardInfo, str]]:
     """(shard, problem) for each shard failing the start-up check, in manifest order."""
     if verify == "none":
@@ -464,7 +537,7 @@ def _check_shards(shards: list[ShardInfo], verify: str) -> list[tuple[ShardInfo,
         return None
 
     remote = any(storage.is_url(s.location) for s in shards)
-    if remote or verify == "full":
+    if shards and (remote or verify == "full"):
         with ThreadPoolExecutor(min(16, len(shards))) as ex:
             results = list(ex.map(check, shards))
     else:
@@ -475,15 +548,21 @@ def _check_shards(shards: list[ShardInfo], verify: str) -> list[tuple[ShardInfo,
 def build_loader(manifest: Union[Manifest, str, os.PathLike], *, rank: int, world_size: int, micro_batch_size: int,
                  seed: int, num_workers: int = 1, split: str = "train", prefetch: int = 4, verify: str = "size",
                  skip_corrupt: bool = False, cache_dir: Optional[Union[str, os.PathLike]] = None,
-                 pin_memory: bool = False) -> TokenLoader:
-    """The loader for one rank; ``manifest`` is a Manifest, a path/folder or an http(s) URL."""
+                 pin_memory: bool = False, max_open_shards: int = storage.DEFAULT_MAX_OPEN_SHARDS) -> TokenLoader:
+    """The loader for one rank; ``manifest`` is a Manifest, a path/folder or an http(s) URL.
+
+    With an initialized ``torch.distributed`` group of ``world_size`` ranks this is a collective
+    (the start-up checks are shared): every rank builds it."""
     m = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
     return TokenLoader(m, rank=rank, world_size=world_size, micro_batch_size=micro_batch_size, seed=seed,
                        num_workers=num_workers, split=split, prefetch=prefetch, verify=verify,
-                       skip_corrupt=skip_corrupt, cache_dir=cache_dir, pin_memory=pin_memory)
+                       skip_corrupt=skip_corrupt, cache_dir=cache_dir, pin_memory=pin_memory,
+                       max_open_shards=max_open_shards)
 
 
-def loader_kwargs(data_cfg: Any) -> dict[str, Any]:
-    """The ``build_loader`` keyword arguments that come from the ``data`` config section."""
+def loader_kwargs(data_cfg: Any, device: Optional[Union[str, torch.device]] = None) -> dict[str, Any]:
+    """The ``build_loader`` keyword arguments that come from the ``data`` config section, and
+    ``pin_memory`` from the consumer's ``device`` (pinned batches when it is CUDA)."""
     return {"num_workers": data_cfg.num_workers, "prefetch": data_cfg.prefetch, "verify": data_cfg.verify_shards,
-            "skip_corrupt": data_cfg.skip_corrupt_shards, "cache_dir": data_cfg.cache_dir}
+            "skip_corrupt": data_cfg.skip_corrupt_shards, "cache_dir": data_cfg.cache_dir,
+            "pin_memory": device is not None and torch.device(device).type == "cuda"}

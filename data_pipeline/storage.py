@@ -5,10 +5,16 @@ rows. A server that ignores ``Range`` (answers 200) gets the whole shard downloa
 local cache (checked against its sha256, renamed into place), which is then read locally.
 Transient network errors are retried with backoff; a missing file or a persistent failure is a
 DataError naming the URL.
+
+Local shards (and the local copies of remote ones) are memory-mapped while they are read; each
+map holds a file descriptor, so a reader keeps at most ``OpenShards.capacity`` of them mapped
+(least recently used ones are closed): a dataset of thousands of shards stays under the usual
+1,024 open-files limit in every process.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import mmap
 import os
@@ -17,6 +23,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
@@ -220,38 +227,135 @@ def sha256_of(location: str) -> str:
     return h.hexdigest()
 
 
+DEFAULT_MAX_OPEN_SHARDS = 64  # mapped shards per reader and process (each holds one file descriptor)
+# A file that cannot be opened for one of these reasons is not damaged: the process is out of
+# descriptors or memory. Reported as such (DataError), never as a corrupt shard to skip.
+_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM}
+
+
+class OpenShards:
+    """The shards one reader has mapped, least recently used first; at most ``capacity`` at once.
+
+    Shared by the ``ShardFile``s of one reader (``loader._RowSource``). Opening one more shard
+    first closes the least recently used ones, so the number of descriptors and maps a process
+    holds for its shards is bounded whatever the number of shards. Per process: a copy pickled
+    into a worker starts empty, and maps inherited over ``fork`` are closed on first use in the
+    child (closing them there leaves the parent's maps alone).
+    """
+
+    def __init__(self, capacity: int = DEFAULT_MAX_OPEN_SHARDS):
+        if capacity < 1:
+            raise DataError(f"max_open_shards={capacity} is invalid: must be >= 1")
+        self.capacity = capacity
+        self._open: "OrderedDict[ShardFile, None]" = OrderedDict()  # oldest first
+        self._lock = threading.RLock()  # re-entered: closing an evicted file discards it here
+        self._pid = os.getpid()
+
+    def __getstate__(self) -> dict:
+        return {"capacity": self.capacity}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["capacity"])  # type: ignore[misc]
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def _forked(self) -> None:
+        """Drop (and close, in this process only) the maps inherited from a parent process."""
+        if self._pid != os.getpid():
+            inherited, self._open, self._pid = list(self._open), OrderedDict(), os.getpid()
+            for f in inherited:
+                f.close()
+
+    def used(self, f: "ShardFile") -> None:
+        """``f`` (already mapped) was read: it becomes the most recently used."""
+        with self._lock:
+            self._forked()
+            if f in self._open:
+                self._open.move_to_end(f)
+
+    def make_room(self, f: "ShardFile") -> None:
+        """Close the least recently used shards so that ``f`` can be mapped within the capacity."""
+        with self._lock:
+            self._forked()
+            self._open.pop(f, None)
+            while len(self._open) >= self.capacity:
+                old, _ = self._open.popitem(last=False)
+                old.close()
+
+    def add(self, f: "ShardFile") -> None:
+        with self._lock:
+            self._open[f] = None
+
+    def discard(self, f: "ShardFile") -> None:
+        with self._lock:
+            self._open.pop(f, None)
+
+
 class ShardFile:
     """Random access to the fixed-size records of one shard (local or remote).
 
     ``read(rows)`` returns records [k, record_bytes] for sorted, unique row ids and the number
-    of bytes it had to transfer. Opened lazily, so instances can be pickled into workers.
+    of bytes it had to transfer. Opened lazily, so instances can be pickled into workers. The
+    local file (or the local copy of a remote one) stays mapped between reads until ``close()``;
+    ``open_shards`` bounds how many shards of one reader are mapped at once (None: no bound, for
+    a file used on its own).
     """
 
-    def __init__(self, location: str, size: int, sha256: str, record_bytes: int, rows: int, cache_dir: Path):
+    def __init__(self, location: str, size: int, sha256: str, record_bytes: int, rows: int, cache_dir: Path,
+                 open_shards: Optional[OpenShards] = None):
         self.location, self.size, self.sha256 = location, size, sha256
         self.record_bytes, self.rows, self.cache_dir = record_bytes, rows, cache_dir
-        self._mm: Optional[np.ndarray] = None
+        self.open_shards = open_shards
+        self._mm: Optional[np.ndarray] = None  # [rows, record_bytes], a view of _map
+        self._map: Optional[mmap.mmap] = None
         self._mm_pid = -1
         self._ranges_ok = True
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_mm"], state["_mm_pid"] = None, -1
+        state["_mm"], state["_map"], state["_mm_pid"] = None, None, -1
         return state
 
-    def _local(self, path: str) -> np.ndarray:
-        if self._mm is None or self._mm_pid != os.getpid():
-            need = self.rows * self.record_bytes
+    def close(self) -> None:
+        """Unmap the shard and release its descriptor (it is mapped again on the next read)."""
+        mm, self._mm = self._map, None
+        self._map, self._mm_pid = None, -1
+        if self.open_shards is not None:
+            self.open_shards.discard(self)
+        if mm is not None:
             try:
-                with open(path, "rb") as f:
-                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            except (OSError, ValueError) as e:
-                raise CorruptData(f"shard {path}: cannot be read ({e}); re-run `slam-pretrain prepare`") from None
-            if len(mm) < need:
-                raise CorruptData(f"shard {path} is truncated ({len(mm)} bytes, {self.rows} rows need {need}); "
-                                "re-run `slam-pretrain prepare`")
-            arr = np.frombuffer(mm, dtype=np.uint8, count=need)
-            self._mm, self._mm_pid = arr.reshape(self.rows, self.record_bytes), os.getpid()
+                mm.close()
+            except BufferError:  # a view of it is still alive somewhere: it closes when that goes
+                pass
+
+    def _local(self, path: str) -> np.ndarray:
+        if self._mm is not None and self._mm_pid == os.getpid():
+            if self.open_shards is not None:
+                self.open_shards.used(self)
+            return self._mm
+        if self._mm is not None:  # inherited over fork: this process maps the file itself
+            self.close()
+        if self.open_shards is not None:
+            self.open_shards.make_room(self)  # close first, so the bound holds while this one opens
+        need = self.rows * self.record_bytes
+        try:
+            with open(path, "rb") as f:
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # holds a dup of the descriptor
+        except (OSError, ValueError) as e:
+            if isinstance(e, OSError) and e.errno in _RESOURCE_ERRNOS:
+                raise DataError(f"shard {path}: cannot be opened ({e.strerror}): the process is out of file "
+                                "descriptors or memory; raise `ulimit -n` or lower max_open_shards") from None
+            raise CorruptData(f"shard {path}: cannot be read ({e}); re-run `slam-pretrain prepare`") from None
+        if len(mm) < need:
+            size = len(mm)
+            mm.close()
+            raise CorruptData(f"shard {path} is truncated ({size} bytes, {self.rows} rows need {need}); "
+                              "re-run `slam-pretrain prepare`")
+        arr = np.frombuffer(mm, dtype=np.uint8, count=need)
+        self._map, self._mm, self._mm_pid = mm, arr.reshape(self.rows, self.record_bytes), os.getpid()
+        if self.open_shards is not None:
+            self.open_shards.add(self)
         return self._mm
 
     def runs(self, rows: np.ndarray) -> list[tuple[int, int, int, int]]:
