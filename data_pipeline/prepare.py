@@ -579,19 +579,43 @@ class _Build:
 
     def run(self) -> Path:
         t0 = time.perf_counter()
+        done = self._up_to_date()
+        if done is not None:
+            return done
+        self._clean()
+
+        def build() -> tuple[Tokenizer, dict[str, ShardWriter]]:
+            tok = self._make_plan()  # inside _publish's failure handling: a full disk here is one line too
+            return tok, self._write_shards("encode_write_s", lambda packers: self._encode_into(tok, packers))
+        return self._publish(build, t0)
+
+    def _encode_into(self, tok: Tokenizer, packers: dict[str, _Packer]) -> None:
+        self._encode(tok, self.units, lambda split, tokens: packers[split].add(tokens))
+        self._check_has_train()
+
+    # -- what the whole build and the merge share -------------------------------------------------
+
+    def _up_to_date(self) -> Optional[Path]:
+        """The manifest of an earlier build of the same inputs (its leftover parts dropped), else None."""
         done = self._existing()
         if done is not None:
             self._drop_parts()
-            return done
-        self._clean()
+        return done
+
+    def _write_shards(self, stage: str, fill: Callable[[dict[str, _Packer]], None]) -> dict[str, ShardWriter]:
+        """The packed, closed shard writers of both splits, after ``fill`` fed their packers (timed as ``stage``)."""
+        with self.t.stage(stage):
+            writers, packers, wr_bar = self._writers()
+            with wr_bar:
+                fill(packers)
+                self._finish_shards(writers, packers)
+        return writers
+
+    def _publish(self, build: Callable[[], tuple[Tokenizer, dict[str, ShardWriter]]], t0: float) -> Path:
+        """Run ``build`` (it writes the shards), then write the manifest, which publishes the dataset,
+        and drop the parts. On any failure the temporaries go and an OSError becomes one DataError line."""
         try:
-            tok = self._make_plan()
-            with self.t.stage("encode_write_s"):
-                writers, packers, wr_bar = self._writers()
-                with wr_bar:
-                    self._encode(tok, self.units, lambda split, tokens: packers[split].add(tokens))
-                    self._check_has_train()
-                    self._finish_shards(writers, packers)
+            tok, writers = build()
             path = self._write_manifest(tok, writers, time.perf_counter() - t0)
         except BaseException as e:
             self._on_failure(e)
@@ -772,9 +796,8 @@ class _Build:
 
     def run_merge(self) -> Path:
         t0 = time.perf_counter()
-        done = self._existing()
+        done = self._up_to_date()
         if done is not None:
-            self._drop_parts()
             return done
         tok = self._load_plan()
         if tok is None:
@@ -805,25 +828,21 @@ class _Build:
         self.t.marks["encode_s"] = round(sum(float(i["seconds"]) for i in infos), 3)
         self.t.marks["encode_cpu_s"] = round(sum(float(i.get("encode_cpu_s") or 0) for i in infos), 3)
         self._clean(keep_tokenizer=True)
-        try:
+
+        def build() -> tuple[Tokenizer, dict[str, ShardWriter]]:
             self._check_has_train()
-            with self.t.stage("merge_s"):
-                writers, packers, wr_bar = self._writers()
-                with wr_bar:
-                    for split, p in files:
-                        if p.stat().st_size == 0:
-                            continue
-                        tokens = np.memmap(p, dtype=self.dtype, mode="r")
-                        for a in range(0, tokens.size, MERGE_CHUNK_TOKENS):
-                            packers[split].add(np.array(tokens[a:a + MERGE_CHUNK_TOKENS]))
-                        del tokens
-                    self._finish_shards(writers, packers)
-            path = self._write_manifest(tok, writers, time.perf_counter() - t0)
-        except BaseException as e:
-            self._on_failure(e)
-            raise
-        self._drop_parts()
-        return path
+            return tok, self._write_shards("merge_s", lambda packers: self._merge_into(files, packers))
+        return self._publish(build, t0)
+
+    def _merge_into(self, files: list[tuple[str, Path]], packers: dict[str, _Packer]) -> None:
+        """Feed the parts' token files, in part order, to the split's packer (in bounded chunks)."""
+        for split, p in files:
+            if p.stat().st_size == 0:
+                continue
+            tokens = np.memmap(p, dtype=self.dtype, mode="r")
+            for a in range(0, tokens.size, MERGE_CHUNK_TOKENS):
+                packers[split].add(np.array(tokens[a:a + MERGE_CHUNK_TOKENS]))
+            del tokens
 
     # -- the manifest -------------------------------------------------------------------------
 

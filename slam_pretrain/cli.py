@@ -25,6 +25,15 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
 
 
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """What every training run takes (train, finetune): the config, where to resume from, and the
+    --local_rank that the deepspeed launcher may pass after the subcommand."""
+    _add_config_args(p)
+    p.add_argument("--resume", default="auto",
+                   help="'auto' (newest complete checkpoint in run.out_dir), 'never', or a checkpoint path")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
 def _load(args: argparse.Namespace):
     from slam_pretrain.config import load_config
 
@@ -113,11 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train (or resume) a model")
-    _add_config_args(p)
+    _add_run_args(p)
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and model summary")
-    p.add_argument("--resume", default="auto",
-                   help="'auto' (newest complete checkpoint in run.out_dir), 'never', or a checkpoint path")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="sample text from a checkpoint or an export")
@@ -134,11 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("finetune", help="fine-tune a pretrained model for text classification")
-    _add_config_args(p)
+    _add_run_args(p)
     p.add_argument("--init", required=True, help="the pretrained checkpoint dir, run out_dir or .safetensors export")
-    p.add_argument("--resume", default="auto",
-                   help="'auto' (newest complete checkpoint in run.out_dir), 'never', or a checkpoint path")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("classify", help="the label of a text, from a fine-tuned checkpoint")

@@ -1,5 +1,6 @@
-"""Helpers for the Hugging Face export and lm-eval tests: tokenizers trained at test time and real
-checkpoints written by slam_pretrain's own engine and CheckpointManager (one subprocess)."""
+"""Helpers for the export/generate, Hugging Face export and lm-eval tests: tokenizers trained at
+test time and real checkpoints written by slam_pretrain's own engine and CheckpointManager (one
+subprocess)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from typing import Optional
 REPO = Path(__file__).resolve().parent.parent
 
 # Writes one checkpoint per config: a real engine (DeepSpeed ZeRO-1, fp32, world 1) trains two
-# steps and the CheckpointManager saves step_00000002 with the tokenizer.
+# steps and the CheckpointManager saves step_00000002 with the tokenizer. Where a job names a probe
+# file, the training process's own view of the weights also computes logits on random tokens and
+# saves both there: what an export or a loaded checkpoint must reproduce.
 MAKE_CHECKPOINTS = r'''
 import json, sys, torch
 from pathlib import Path
@@ -26,7 +29,7 @@ from slam_pretrain.model import SLAMv1LM
 
 tok, jobs = Path(sys.argv[1]), json.loads(sys.argv[2])
 dist = None
-for cfg_dict in jobs:
+for cfg_dict, probe in jobs:
     cfg = config_from_dict(cfg_dict)
     dist = dist or init_distributed(cfg.engine.device)
     torch.manual_seed(0)
@@ -40,6 +43,13 @@ for cfg_dict in jobs:
     ckpt = CheckpointManager(Path(cfg.run.out_dir), cfg.checkpoint.keep_last, cfg.checkpoint.keep_every, dist)
     ckpt.save(2, engine, rank_state={"rng": torch.get_rng_state()}, trainer_state={"step": 2},
               config_yaml=cfg.to_yaml(), checksums={}, tokenizer_path=tok)
+    if probe is not None:
+        ref = SLAMv1LM(cfg.model)
+        ref.load_state_dict(engine.full_state_dict())
+        ref.eval()
+        x = torch.randint(4, cfg.model.vocab_size, (2, cfg.data.seq_len), generator=g)
+        with torch.no_grad():
+            torch.save({"tokens": x, "logits": ref(x)}, probe)
 '''
 
 
@@ -58,11 +68,14 @@ def train_tokenizer(path: Path, vocab_size: int, model_type: str = "bpe", extra:
     return path
 
 
-def make_checkpoints(tokenizer: Path, configs: list) -> None:
-    """Write a real checkpoint (run.out_dir/checkpoints/step_00000002) for each slam_pretrain Config."""
+def make_checkpoints(tokenizer: Path, configs: list, probes: Optional[list[Optional[Path]]] = None) -> None:
+    """Write a real checkpoint (run.out_dir/checkpoints/step_00000002) for each slam_pretrain Config;
+    ``probes[i]``, where given, receives ``{"tokens", "logits"}`` of config i's trained weights."""
+    probes = probes or [None] * len(configs)
+    assert len(probes) == len(configs), (len(probes), len(configs))
+    jobs = [[c.to_dict(), None if p is None else str(p)] for c, p in zip(configs, probes)]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    r = subprocess.run([sys.executable, "-c", MAKE_CHECKPOINTS, str(tokenizer),
-                        json.dumps([c.to_dict() for c in configs])],
+    r = subprocess.run([sys.executable, "-c", MAKE_CHECKPOINTS, str(tokenizer), json.dumps(jobs)],
                        capture_output=True, text=True, env=env, cwd=tokenizer.parent, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 

@@ -1,7 +1,8 @@
 """Export and generation: a real checkpoint (DeepSpeed engine + CheckpointManager, world 1, tiny
 model, two optimizer steps) is exported to safetensors; the export's logits equal the checkpoint's
 and the training process's own; greedy generation is deterministic; CLI mistakes are one line with
-exit code 2. The tokenizer is trained at test time on a few standard-library files.
+exit code 2. The tokenizer (trained at test time on a few standard-library files) and the
+checkpoint come from hf_assets, as in the Hugging Face export and lm-eval tests.
 """
 
 from __future__ import annotations
@@ -11,15 +12,14 @@ import json
 import os
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
 
+from hf_assets import REPO, make_checkpoints, run_config, train_tokenizer
 from slam_pretrain.model import ModelConfig, SLAMv1LM
 
-REPO = Path(__file__).resolve().parent.parent
 TINY = dict(vocab_size=384, max_seq_len=32, d_model=32, num_heads=4, num_kv_heads=2, d_ff=64, ef_cycles=2,
             segment_len=12, overlap=2, tie_embeddings=True)
 
@@ -32,16 +32,8 @@ def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def tokenizer_path(tmp_path_factory) -> Path:
-    """A 384-piece BPE tokenizer trained on a few stdlib modules (deterministic, < 1 s)."""
-    from data_pipeline.tokenizer import train_sentencepiece, training_lines
-
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    texts = [(stdlib / name).read_text() for name in ("textwrap.py", "bisect.py", "heapq.py")]
-    blob = train_sentencepiece(list(training_lines(texts)), vocab_size=TINY["vocab_size"], model_type="bpe",
-                               num_threads=1)
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
-    path.write_bytes(blob)
-    return path
+    """A 384-piece BPE tokenizer trained on a few stdlib modules (deterministic, < 2 s)."""
+    return train_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.model", TINY["vocab_size"])
 
 
 def _tiny_model(seed: int = 0) -> SLAMv1LM:
@@ -120,59 +112,14 @@ def test_cli_user_errors_are_one_line(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # A real checkpoint: the engine trains two steps and the CheckpointManager writes step_00000002.
 
-_MAKE_CHECKPOINT = r'''
-import json, sys, torch
-from pathlib import Path
-from slam_pretrain.config import config_from_dict
-from slam_pretrain.training.checkpoint import CheckpointManager
-from slam_pretrain.distributed import init_distributed
-from slam_pretrain.engine import build_engine
-from slam_pretrain.model import SLAMv1LM
-
-out, tok, cfg_json, probe = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
-cfg = config_from_dict(json.loads(cfg_json))
-dist = init_distributed(cfg.engine.device)
-torch.manual_seed(0)
-model = SLAMv1LM(cfg.model)
-engine = build_engine(cfg, model, dist)
-g = torch.Generator().manual_seed(1)
-for _ in range(2):
-    ids = torch.randint(4, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.data.seq_len + 1), generator=g)
-    engine.forward_backward(ids[:, :-1], ids[:, 1:])
-    engine.optimizer_step(cfg.train.lr)
-ckpt = CheckpointManager(out, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every, dist)
-ckpt.save(2, engine, rank_state={"rng": torch.get_rng_state()}, trainer_state={"step": 2},
-          config_yaml=cfg.to_yaml(), checksums={}, tokenizer_path=tok)
-# The training process's own view of the weights, for the logits the export must reproduce.
-ref = SLAMv1LM(cfg.model)
-ref.load_state_dict(engine.full_state_dict())
-ref.eval()
-x = torch.randint(4, cfg.model.vocab_size, (2, cfg.data.seq_len), generator=g)
-with torch.no_grad():
-    torch.save({"tokens": x, "logits": ref(x)}, probe)
-'''
-
-
 @pytest.fixture(scope="module")
 def checkpoint_run(tmp_path_factory, tokenizer_path: Path) -> tuple[Path, Path]:
-    """(run out_dir, probe file) from a real DeepSpeed ZeRO-1 fp32 run of 2 steps (world 1)."""
-    pytest.importorskip("slam_pretrain.training.checkpoint", reason="checkpoint manager not written yet")
-    from slam_pretrain.config import Config
-
+    """(run out_dir, probe file: tokens and the training process's logits) from a real DeepSpeed
+    ZeRO-1 fp32 run of 2 steps (world 1)."""
     root = tmp_path_factory.mktemp("ckpt")
-    cfg = Config()
-    cfg.model = ModelConfig(**TINY)
-    cfg.data.seq_len = TINY["max_seq_len"]
-    cfg.train.micro_batch_size = cfg.train.global_batch_size = 2
-    cfg.engine.name, cfg.engine.zero_stage, cfg.engine.precision, cfg.engine.device = "deepspeed", 1, "fp32", "cpu"
-    cfg.run.out_dir = str(root / "run")
-    cfg.validate()
+    cfg = run_config(root / "run", TINY["max_seq_len"], **TINY)
     probe = root / "probe.pt"
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    r = subprocess.run([sys.executable, "-c", _MAKE_CHECKPOINT, cfg.run.out_dir, str(tokenizer_path),
-                        json.dumps(cfg.to_dict()), str(probe)],
-                       capture_output=True, text=True, env=env, cwd=root, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    make_checkpoints(tokenizer_path, [cfg], probes=[probe])
     return Path(cfg.run.out_dir), probe
 
 

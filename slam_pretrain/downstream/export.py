@@ -16,6 +16,9 @@ export is complete.
 ``load_model(path)`` accepts a checkpoint directory (``checkpoints/step_XXXXXXXX``), a run
 ``out_dir`` (its latest checkpoint) or an export, and returns ``(model, tokenizer, meta)``: the
 model in eval mode, fp32.
+
+``read_checkpoint(path)`` is what both read a checkpoint through (and what builds another model
+from one, such as the classifier): its config, step, tokenizer and, on demand, fp32 weights.
 """
 
 from __future__ import annotations
@@ -43,7 +46,6 @@ if TYPE_CHECKING:
 EXPORT_FORMAT = "slam-pretrain-export-v1"
 SUFFIX = ".safetensors"
 TIED = {"lm_head.weight": "tok_emb.weight"}  # tied name -> the name stored
-# Wrapper prefixes an engine may leave on parameter names (DDP/DeepSpeed, torch.compile, AC).
 
 PathLike = Union[str, os.PathLike]
 
@@ -117,8 +119,34 @@ def _tokenizer_sha256(step_dir: Path, tokenizer: Path) -> str:
     return sha
 
 
-def _checkpoint_parts(step_dir: Path) -> tuple[dict[str, Any], dict[str, Any], int, Path]:
-    """``(config dict, engine meta, step, tokenizer path)`` of a step directory."""
+@dataclasses.dataclass(frozen=True)
+class CheckpointContents:
+    """What a checkpoint step directory holds, read without building a model. The weights are read
+    on demand (``state_dict()``), so that the cheap checks of a caller come before that slow part."""
+
+    step_dir: Path
+    config: dict[str, Any]  # the run's resolved config, as config.yaml stored it
+    engine_meta: dict[str, Any]  # engine.json: the engine and layout that wrote engine/
+    step: int
+    tokenizer: Path
+
+    @property
+    def config_path(self) -> Path:
+        return self.step_dir / "config.yaml"
+
+    def model_config(self) -> "ModelConfig":
+        """The validated ``model`` section; a UserError naming config.yaml if it is not valid."""
+        return model_config_from_dict(self.config["model"], str(self.config_path))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The full weights in fp32, consolidated from whatever shards the engine wrote (slow)."""
+        return _consolidate(self.step_dir, self.engine_meta)
+
+
+def read_checkpoint(path: PathLike) -> CheckpointContents:
+    """The contents of a checkpoint: a step directory, a ``checkpoints/`` dir or a run out_dir (its
+    latest complete checkpoint). UserError naming the path when it is missing, incomplete or damaged."""
+    step_dir = resolve_checkpoint(path)
     cfg_path, tok = step_dir / "config.yaml", step_dir / "tokenizer.model"
     for need in (cfg_path, tok):
         if not need.is_file():
@@ -135,7 +163,7 @@ def _checkpoint_parts(step_dir: Path) -> tuple[dict[str, Any], dict[str, Any], i
     if step is None:  # step_00000100 -> 100
         digits = step_dir.name.rsplit("_", 1)[-1]
         step = int(digits) if digits.isdigit() else -1
-    return cfg, engine_meta, int(step), tok
+    return CheckpointContents(step_dir, cfg, engine_meta, int(step), tok)
 
 
 def model_config_from_dict(d: dict[str, Any], source: str) -> "ModelConfig":
@@ -234,10 +262,10 @@ def export_checkpoint(checkpoint: PathLike, out: PathLike) -> Path:
     if is_export(checkpoint):
         raise UserError(f"--checkpoint {str(checkpoint)!r} is already an export; pass a checkpoint "
                         "directory or a run out_dir")
-    step_dir = resolve_checkpoint(checkpoint)
-    cfg_dict, engine_meta, step, tokenizer = _checkpoint_parts(step_dir)
-    mcfg = model_config_from_dict(cfg_dict["model"], str(step_dir / "config.yaml"))
-    sd = _consolidate(step_dir, engine_meta)
+    ckpt = read_checkpoint(checkpoint)
+    step_dir, cfg_dict, engine_meta, tokenizer = ckpt.step_dir, ckpt.config, ckpt.engine_meta, ckpt.tokenizer
+    mcfg = ckpt.model_config()
+    sd = ckpt.state_dict()
     tied = TIED if mcfg.tie_embeddings else {}
     for name, stored in tied.items():
         if name in sd and not torch.equal(sd[name], sd[stored]):
@@ -247,7 +275,7 @@ def export_checkpoint(checkpoint: PathLike, out: PathLike) -> Path:
     meta = {
         "format": EXPORT_FORMAT,
         "model_config": json.dumps(dataclasses.asdict(mcfg), sort_keys=True),
-        "step": str(step),
+        "step": str(ckpt.step),
         "tokenizer_sha256": _tokenizer_sha256(step_dir, tokenizer),
         "tied_weights": json.dumps(tied),
         "engine": json.dumps(engine_meta, sort_keys=True),
@@ -287,14 +315,14 @@ def _load_export(path: Path) -> tuple[torch.nn.Module, Path, dict[str, Any]]:
 
 
 def _load_checkpoint(path: PathLike) -> tuple[torch.nn.Module, Path, dict[str, Any]]:
-    step_dir = resolve_checkpoint(path)
-    cfg_dict, engine_meta, step, tok_path = _checkpoint_parts(step_dir)
-    mcfg = model_config_from_dict(cfg_dict["model"], str(step_dir / "config.yaml"))
-    tok_sha = _tokenizer_sha256(step_dir, tok_path)  # before the (slow) consolidation
-    model = _load_weights(mcfg, _consolidate(step_dir, engine_meta), str(step_dir))
-    info = {"kind": "checkpoint", "source": str(step_dir), "step": step, "model_config": dataclasses.asdict(mcfg),
-            "tokenizer_sha256": tok_sha, "config_path": str(step_dir / "config.yaml"), "engine": engine_meta}
-    return model, tok_path, info
+    ckpt = read_checkpoint(path)
+    mcfg = ckpt.model_config()
+    tok_sha = _tokenizer_sha256(ckpt.step_dir, ckpt.tokenizer)  # before the (slow) consolidation
+    model = _load_weights(mcfg, ckpt.state_dict(), str(ckpt.step_dir))
+    info = {"kind": "checkpoint", "source": str(ckpt.step_dir), "step": ckpt.step,
+            "model_config": dataclasses.asdict(mcfg), "tokenizer_sha256": tok_sha,
+            "config_path": str(ckpt.config_path), "engine": ckpt.engine_meta}
+    return model, ckpt.tokenizer, info
 
 
 def load_model(path: PathLike, device: Union[str, torch.device] = "cpu") -> tuple[torch.nn.Module, Any, dict[str, Any]]:

@@ -181,26 +181,25 @@ def run_finetune(cfg: Config, init: str, resume: str = "auto") -> int:
 def load_classifier(path: str) -> tuple[SLAMForClassification, Any, list[str], dict[str, Any]]:
     """(model in eval mode, tokenizer, class names, info) from a fine-tuning checkpoint or run dir."""
     from data_pipeline.tokenizer import Tokenizer
-    from slam_pretrain.downstream.export import _checkpoint_parts, _consolidate, model_config_from_dict, resolve_checkpoint
+    from slam_pretrain.downstream.export import read_checkpoint
 
-    step_dir = resolve_checkpoint(path)
-    cfg_dict, engine_meta, step, tok_path = _checkpoint_parts(step_dir)
-    labels = (cfg_dict.get("finetune") or {}).get("labels") or []
-    if not labels:
+    ckpt = read_checkpoint(path)
+    step_dir, finetune = ckpt.step_dir, ckpt.config.get("finetune") or {}
+    labels = finetune.get("labels") or []
+    if not labels:  # before the slow weights: a language model's checkpoint is refused at once
         raise UserError(f"{step_dir} is not a fine-tuned classifier (its config has no finetune.labels): "
                         f"use `slam-pretrain generate` for a language model")
-    mcfg = model_config_from_dict(cfg_dict["model"], str(step_dir / "config.yaml"))
+    mcfg = ckpt.model_config()
     model = SLAMForClassification(mcfg, len(labels))
-    sd = _consolidate(step_dir, engine_meta)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing, unexpected = model.load_state_dict(ckpt.state_dict(), strict=False)
     allowed = {"lm_head.weight"} if mcfg.tie_embeddings else set()
     if set(missing) - allowed or unexpected:
         raise UserError(f"{step_dir}: weights do not fit the classifier (missing {sorted(set(missing) - allowed)[:3]}, "
                         f"unexpected {sorted(unexpected)[:3]})")
     if mcfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
-    return model.eval(), Tokenizer(tok_path), list(labels), {"source": str(step_dir), "step": step,
-                                                           "max_len": (cfg_dict.get("finetune") or {}).get("max_len")}
+    return model.eval(), Tokenizer(ckpt.tokenizer), list(labels), {"source": str(step_dir), "step": ckpt.step,
+                                                                 "max_len": finetune.get("max_len")}
 
 
 @torch.no_grad()
