@@ -4,6 +4,11 @@ Precedence: command line > YAML > dataclass defaults. Every value is checked aga
 type (Literal choices, Optional, Union[int, float], lists, dicts), unknown keys are rejected with
 the closest valid key, and each section's ``validate()`` checks what types cannot. Every problem
 becomes one ``ConfigError`` line naming the key, the value and what is valid.
+
+Sections also turn themselves into the parts they configure (``CheckpointConfig.build``,
+``Config.build_engine``, ``Config.build_tracker``), so a run's wiring (training/run.py,
+train_main.py, downstream/finetune.py) reads as a list of steps. Those builders import lazily:
+reading and checking a config needs none of the parts.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
 import yaml
 
@@ -23,6 +28,14 @@ from data_pipeline.config import DataConfig, DataConfigError
 from slam_pretrain.errors import ConfigError
 from slam_pretrain.redact import redact
 from slam_pretrain.model import ModelConfig
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from slam_pretrain.distributed import DistInfo
+    from slam_pretrain.engine import Engine
+    from slam_pretrain.training.checkpoint import CheckpointManager
+    from slam_pretrain.training.tracking import Tracker
 
 
 @dataclass
@@ -107,6 +120,13 @@ class CheckpointConfig:
         if self.keep_last < 1:
             raise ConfigError(f"{prefix}.keep_last={self.keep_last!r} is invalid: must be >= 1")
 
+    def build(self, out_dir: Path, dist: "DistInfo") -> "CheckpointManager":
+        """The run's checkpoints under ``out_dir``; creates it and checks that it is writable (one
+        line if not), so call it before anything slow is built."""
+        from slam_pretrain.training.checkpoint import CheckpointManager
+
+        return CheckpointManager(out_dir, self.keep_last, self.keep_every, dist, verify=self.verify)
+
 
 @dataclass
 class TrackingConfig:
@@ -177,6 +197,19 @@ class Config:
                               f"model.max_seq_len={self.model.max_seq_len}")
         if self.model.vocab_size > 2**32:
             raise ConfigError(f"model.vocab_size={self.model.vocab_size} is invalid: must be < 2**32")
+
+    def build_engine(self, model: "nn.Module", dist: "DistInfo") -> "Engine":
+        """The engine named by ``engine.name`` around ``model`` (moved to ``dist.device``)."""
+        from slam_pretrain.engine import build_engine
+
+        return build_engine(self, model, dist)
+
+    def build_tracker(self, is_main: bool) -> "Tracker":
+        """MLflow on rank 0 when ``tracking.enabled`` (its default store under ``run.out_dir``), a
+        no-op tracker elsewhere."""
+        from slam_pretrain.training.tracking import make_tracker
+
+        return make_tracker(self, is_main=is_main, out_dir=Path(self.run.out_dir))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from slam_pretrain.config import TrainConfig
+from slam_pretrain.training.callbacks import ThroughputCallback
 from slam_pretrain.training.metrics import format_record, measure_matmul_flops, mfu, peak_flops
 from slam_pretrain.training.trainer import Trainer
 
@@ -32,23 +34,27 @@ def test_mfu_is_never_above_100_percent():
 
 
 def test_trainer_records_and_console_never_show_more_than_100_percent():
-    def trainer(peak: float, measured: bool) -> Trainer:
-        return Trainer(engine=None, loader=None, val_batches=None, lr_at=lambda s: 1e-3, max_steps=1,
-                       grad_accum=1, tokens_per_step=1000, flops_per_token=6e6, peak_flops=peak, world_size=1,
-                       device=torch.device("cpu"), log_interval=1, eval_interval=0, max_bad_steps=3,
-                       callbacks=[], peak_measured=measured)
+    def record(peak: float, measured: bool) -> dict:
+        """The trainer's record of one logged step, with the ThroughputCallback's fields."""
+        train = TrainConfig(max_steps=1, global_batch_size=10, log_interval=1, eval_interval=0, max_bad_steps=3)
+        speed = ThroughputCallback(flops_per_token=6e6, peak_flops=peak, world_size=1, device=torch.device("cpu"),
+                                   peak_measured=measured)
+        t = Trainer(train=train, engine=None, loader=None, seq_len=100, callbacks=[speed])  # 1000 tokens a step
+        t.state.step = 1
+        speed.on_train_step(t, dict(step))
+        return t.train_record(dict(step))
 
     step = {"loss": 4.0, "lr": 1e-3, "grad_norm": 0.5, "skipped": False, "step_time_s": 0.1, "data_wait_s": 0.0}
     for peak in (6e10 / 1.58, 1e6):  # 1000 tokens in 0.1 s x 6e6 FLOP = 6e10 FLOP/s achieved
-        t = trainer(peak, measured=True)
-        t.state.step = 1
-        rec = t._window_record(dict(step))
+        rec = record(peak, measured=True)
         assert rec["mfu"] is None
         assert "mfu" not in format_record(rec)
-    t = trainer(1e11, measured=True)
-    t.state.step = 1
-    rec = t._window_record(dict(step))
+    rec = record(1e11, measured=True)
+    assert rec["tokens_per_s"] == pytest.approx(10_000.0) and rec["step_time_s"] == pytest.approx(0.1)
     assert rec["mfu"] == pytest.approx(0.6)
+    # metrics.jsonl keeps its key order (LogCallback drops max_steps and mfu_peak_measured).
+    assert list(rec) == ["step", "max_steps", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu",
+                         "step_time_s", "data_wait_s", "mem_gb", "mfu_peak_measured", "skipped_steps"]
     assert "mfu ~60.00%" in format_record(rec)  # against a measured peak: an estimate
     assert "mfu 60.00%" in format_record(_record(mfu=0.6))  # a data-sheet peak: as is
 

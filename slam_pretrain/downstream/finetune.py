@@ -28,13 +28,15 @@ from slam_pretrain.training.trainer import Trainer
 class ClassifierTrainer(Trainer):
     """The pretraining loop; evaluation reports loss, accuracy and macro-F1 on the validation set."""
 
-    def __init__(self, *args: Any, val_loader: ExampleLoader, num_labels: int, **kw: Any):
-        super().__init__(*args, val_batches=None, **kw)
-        self.val_loader, self.num_labels = val_loader, num_labels
+    def __init__(self, *, val_loader: Optional[ExampleLoader], num_labels: int, **kw: Any):
+        super().__init__(val_batches=None, **kw)
+        self.val_loader, self.num_labels = val_loader, num_labels  # no val_loader: no evaluation
 
     def evaluate(self) -> Optional[dict[str, Any]]:
         from slam_pretrain.distributed import all_gather_object
 
+        if self.val_loader is None:
+            return None
         model = self.engine.model
         self.engine.eval()
         conf = torch.zeros(self.num_labels, self.num_labels, dtype=torch.long)
@@ -54,7 +56,7 @@ class ClassifierTrainer(Trainer):
         if total == 0:
             return None
         s = scores(conf)
-        return {"step": self.state.step, "max_steps": self.max_steps, "split": "val",
+        return {"step": self.state.step, "max_steps": self.train.max_steps, "split": "val",
                 "val_loss": sum(p[1] for p in parts) / total, "val_acc": s["accuracy"], "val_macro_f1": s["macro_f1"]}
 
 
@@ -79,20 +81,13 @@ def _split(rows: list, cfg: Config) -> tuple[list, list]:
 
 def run_finetune(cfg: Config, init: str, resume: str = "auto") -> int:
     """Fine-tune the trunk of ``init`` with a classification head; returns an exit code."""
-    from slam_pretrain.training.callbacks import CheckpointCallback, LogCallback, TrackingCallback
-    from slam_pretrain.training.checkpoint import CheckpointManager, capture_rng
-    from slam_pretrain.distributed import destroy, init_distributed
-    from slam_pretrain.engine import build_engine, grad_accum_steps
-    from slam_pretrain.downstream.export import load_model
-    from slam_pretrain.training.metrics import ConsoleSink, JsonlSink, memory_gb, peak_flops
-    from slam_pretrain.model import flops_per_token
-    from slam_pretrain.engine.optim import lr_at
-    from slam_pretrain.training.tracking import make_tracker, run_params, run_tags
-    from slam_pretrain.training.run import EXIT_OK, EXIT_SIGNAL, resume_state, seed_all
     from slam_pretrain.training.trainer import StopFlag
 
-    stop_flag = StopFlag().install()
-    ft = cfg.finetune
+    stop_flag = StopFlag().install()  # first, as pretraining: a signal during start-up is not lost
+    from slam_pretrain.downstream.export import load_model
+    from slam_pretrain.training.run import TrainingRun
+
+    ft, t = cfg.finetune, cfg.train
     if not ft.train_file:
         raise UserError("finetune.train_file is not set: a JSONL file with one {text, label} object per line")
     lm, tokenizer, meta = load_model(init)
@@ -108,71 +103,27 @@ def run_finetune(cfg: Config, init: str, resume: str = "auto") -> int:
     train_ex = to_examples(train_rows, ft.labels, tokenizer, ft.max_len, ft.train_file)
     val_ex = to_examples(val_rows, ft.labels, tokenizer, ft.max_len, ft.val_file or ft.train_file)
 
-    dist_info = init_distributed(cfg.engine.device)
-    rank, world, main = dist_info.rank, dist_info.world_size, dist_info.is_main
-    out_dir = Path(cfg.run.out_dir)
-    t = cfg.train
-    grad_accum = grad_accum_steps(t, world)
-    ckpt = CheckpointManager(out_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every, dist_info,
-                             verify=cfg.checkpoint.verify)
-    seed_all(cfg.run.seed)
+    run = TrainingRun.open(cfg, stop_flag)  # processes, grad accumulation, out_dir (writable), seed
     model = SLAMForClassification(cfg.model, len(ft.labels))
     missing, unexpected = model.load_state_dict(lm.state_dict(), strict=False)
     assert set(missing) == {"score.weight", "score.bias"} and not unexpected, (missing, unexpected)
     del lm
-    engine = build_engine(cfg, model, dist_info)
+    engine = cfg.build_engine(model, run.dist)
+    rank, world = run.dist.rank, run.dist.world_size
     loader = ExampleLoader(train_ex, rank, world, t.micro_batch_size, cfg.run.seed, ft.max_len)
     val_loader = ExampleLoader(val_ex, rank, world, t.micro_batch_size, cfg.run.seed, ft.max_len, shuffle=False) \
         if len(val_ex) >= world else None
-    tokenizer_path = _tokenizer_file(meta)
-    checksums = {"tokenizer_sha256": meta["tokenizer_sha256"]}
-
-    state, resume_path = resume_state(ckpt, resume, engine, loader, cfg, checksums, main)
-
-    tracker = make_tracker(cfg, is_main=main, out_dir=out_dir)
-    if main:
-        state.tracking_run_id = tracker.start(run_id=state.tracking_run_id, params=run_params(cfg),
-                                              tags={**run_tags(cfg, world), "task": "classification",
-                                                    "init": str(meta["source"])}) or state.tracking_run_id
-        (out_dir / "config.yaml").write_text(cfg.to_yaml())
-        tracker.log_artifact(out_dir / "config.yaml")
-
-    saved: list[Path] = []  # what this run wrote: the done line names it
-
-    def save(step: int) -> None:
-        trainer.state.tracking_run_id = tracker.run_id or trainer.state.tracking_run_id
-        saved[:] = [ckpt.save(step, engine, rank_state={"rng": capture_rng(), "loader": loader.state_dict()},
-                              trainer_state=trainer.state.to_dict(), config_yaml=cfg.to_yaml(),
-                              checksums=checksums, tokenizer_path=tokenizer_path)]
-
-    callbacks: list = []
-    if main:
-        console = ConsoleSink(t.max_steps, state.step)
-        jsonl = JsonlSink(out_dir / "metrics.jsonl", resume_step=state.step if resume_path else None)
-        callbacks += [LogCallback(console, jsonl), TrackingCallback(tracker)]
-        base = majority_baseline([e.label for e in val_ex]) if val_ex else float("nan")
-        console.message(f"finetune: {len(ft.labels)} classes {ft.labels} | {len(train_ex)} train / {len(val_ex)} "
-                        f"val examples (majority-class accuracy {base:.3f}) | init {meta['source']}")
-    callbacks.append(CheckpointCallback(cfg.checkpoint.interval, save, flush_fn=tracker.flush))
-    peak, peak_src = peak_flops(dist_info.device, cfg.engine.precision, t.peak_flops)
-    trainer = ClassifierTrainer(
-        engine=engine, loader=loader, lr_at=lambda step: lr_at(step, t), max_steps=t.max_steps,
-        grad_accum=grad_accum, tokens_per_step=t.global_batch_size * ft.max_len,
-        flops_per_token=flops_per_token(cfg.model, ft.max_len), peak_flops=peak, world_size=world,
-        device=dist_info.device, log_interval=t.log_interval, eval_interval=t.eval_interval,
-        max_bad_steps=t.max_bad_steps, callbacks=callbacks, state=state,
-        memory_fn=lambda: memory_gb(dist_info.device), stop_flag=stop_flag,
-        peak_measured=peak_src.startswith("measured"),
-        val_loader=val_loader, num_labels=len(ft.labels))
-    if val_loader is None:
-        trainer.evaluate = lambda: None  # type: ignore[method-assign]
-    status = trainer.fit()
-    if main:
-        tracker.finish("FINISHED" if status == "done" else "KILLED" if status == "signal" else "FAILED")
-        print(f"{'done' if status == 'done' else 'stopped (' + status + ')'}: {trainer.state.step} steps; "
-              f"checkpoint {saved[0] if saved else ckpt.find_latest()}", flush=True)
-    destroy()
-    return EXIT_SIGNAL if status == "signal" else EXIT_OK if status == "done" else 3
+    run.resume(resume, engine, loader, checksums={"tokenizer_sha256": meta["tokenizer_sha256"]},
+               tokenizer_path=_tokenizer_file(meta))
+    run.start_tracking({"task": "classification", "init": str(meta["source"])})
+    base = majority_baseline([e.label for e in val_ex]) if val_ex else float("nan")
+    callbacks = run.callbacks(ft.max_len, f"finetune: {len(ft.labels)} classes {ft.labels} | {len(train_ex)} train / "
+                              f"{len(val_ex)} val examples (majority-class accuracy {base:.3f}) | init {meta['source']}")
+    trainer = ClassifierTrainer(train=t, engine=engine, loader=loader, seq_len=ft.max_len, callbacks=callbacks,
+                                state=run.state, stop_flag=stop_flag, val_loader=val_loader, num_labels=len(ft.labels))
+    status = run.fit(trainer)
+    return run.finish(status, f"{'done' if status == 'done' else 'stopped (' + status + ')'}: {run.state.step} steps; "
+                              f"checkpoint {run.newest}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,9 @@ One optimizer step is ``grad_accum`` calls of ``forward_backward`` (one micro-ba
 rank) followed by one ``optimizer_step(lr)``. A non-finite loss or gradient on any rank makes every
 rank skip the update: parameters and optimizer state stay exactly as they were, the gradients are
 dropped, and ``StepResult.skipped`` is True everywhere.
+
+Tensors handed to ``forward_backward`` and ``eval_loss`` are already on the engine's ``device``:
+the trainer moves each batch there once (non-blocking on CUDA), and engines do not move them again.
 """
 
 from __future__ import annotations
@@ -119,6 +122,3 @@ class Engine(ABC):
     def _reset_step(self) -> None:
         self._micro = 0
         self._loss_bad.zero_()
-
-    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(self.device, non_blocking=self.device.type == "cuda")

@@ -194,7 +194,7 @@ class DeepSpeedEngine(Engine):
     # -- the step ---------------------------------------------------------------------------
     def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         self._begin_micro()
-        _, loss = self.ds(self._to_device(input_ids), self._to_device(labels))
+        _, loss = self.ds(input_ids, labels)
         self.ds.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps
         if self._micro + 1 < self.grad_accum:
             self.ds.step()  # not a boundary: only advances DeepSpeed's micro-step counter
@@ -226,7 +226,7 @@ class DeepSpeedEngine(Engine):
 
     @torch.no_grad()
     def eval_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        _, loss = self.ds(self._to_device(input_ids), self._to_device(labels))
+        _, loss = self.ds(input_ids, labels)
         return loss.detach().float()
 
     def train(self) -> None:

@@ -68,7 +68,7 @@ class FSDPEngine(Engine):
     # -- the step ---------------------------------------------------------------------------
     def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         self._begin_micro()
-        _, loss = self.model(self._to_device(input_ids), self._to_device(labels))
+        _, loss = self.model(input_ids, labels)
         # Mean over micro-batches, like one big batch; FSDP averages over ranks in reduce-scatter.
         (loss / self.grad_accum).backward()
         return self._end_micro(loss)
@@ -95,7 +95,7 @@ class FSDPEngine(Engine):
 
     @torch.no_grad()
     def eval_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        _, loss = self.model(self._to_device(input_ids), self._to_device(labels))
+        _, loss = self.model(input_ids, labels)
         return loss.detach()
 
     def train(self) -> None:

@@ -1,10 +1,12 @@
-"""Small trainer callbacks: console + metrics.jsonl, MLflow, checkpoint cadence."""
+"""Small trainer callbacks: console + metrics.jsonl, MLflow, throughput/MFU, checkpoint cadence."""
 
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from slam_pretrain.training.metrics import ConsoleSink, JsonlSink
+import torch
+
+from slam_pretrain.training.metrics import ConsoleSink, JsonlSink, memory_gb, mfu, peak_flops
 from slam_pretrain.training.trainer import Callback, Trainer
 
 
@@ -24,6 +26,56 @@ class LogCallback(Callback):
     def on_stop(self, trainer: Trainer, status: str) -> None:
         self.console.close()
         self.jsonl.close()
+
+
+class ThroughputCallback(Callback):
+    """A speed monitor: adds ``tokens_per_s``, ``mfu``, ``step_time_s``, ``data_wait_s`` and
+    ``mem_gb`` to each logged training record, averaged over the steps since the previous one (and
+    ``mfu_peak_measured`` when the peak is a measured estimate, for the console's ``~``).
+
+    ``mfu`` is None above 100% (the peak was underestimated: see training/metrics.py). The step
+    times are the trainer's own (a step's micro-batches and optimizer update, not evaluation or
+    checkpointing).
+    """
+
+    def __init__(self, flops_per_token: float, peak_flops: float, world_size: int, device: torch.device,
+                 peak_measured: bool = False, peak_source: str = ""):
+        self.flops_per_token, self.peak_flops, self.world_size = flops_per_token, peak_flops, world_size
+        self.device, self.peak_measured, self.peak_source = device, peak_measured, peak_source
+        self._steps, self._time, self._wait, self._tokens = 0, 0.0, 0.0, 0
+
+    @classmethod
+    def measure(cls, flops_per_token: float, world_size: int, device: torch.device, precision: str,
+                override: Optional[float] = None) -> "ThroughputCallback":
+        """With the peak FLOP/s of ``device`` (train.peak_flops, the data-sheet table, or a matmul
+        measured now: see metrics.peak_flops)."""
+        peak, source = peak_flops(device, precision, override)
+        return cls(flops_per_token, peak, world_size, device, peak_measured=source.startswith("measured"),
+                   peak_source=source)
+
+    def peak_line(self) -> str:
+        return f"MFU peak: {self.peak_flops / 1e12:.2f} TFLOP/s per device ({self.peak_source})"
+
+    def on_train_step(self, trainer: Trainer, out: dict[str, Any]) -> None:
+        self._steps += 1
+        self._time += out["step_time_s"]
+        self._wait += out["data_wait_s"]
+        self._tokens += trainer.tokens_per_step
+
+    def metrics(self, trainer: Trainer) -> dict[str, Any]:
+        steps = max(self._steps, 1)
+        tokens_per_s = self._tokens / max(self._time, 1e-9)
+        out: dict[str, Any] = {
+            "tokens_per_s": tokens_per_s,
+            "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak_flops, self.world_size),  # None above 100%
+            "step_time_s": self._time / steps,
+            "data_wait_s": self._wait / steps,
+            "mem_gb": memory_gb(self.device),
+        }
+        if self.peak_measured:
+            out["mfu_peak_measured"] = True  # for the console only
+        self._steps, self._time, self._wait, self._tokens = 0, 0.0, 0.0, 0  # the next window
+        return out
 
 
 # Namespaced metric names for MLflow (few keys: long histories of many keys slow the UI).

@@ -1,8 +1,14 @@
 """The generic training loop.
 
 The trainer talks to an engine (forward_backward / optimizer_step / eval_loss), a loader, and a
-list of callbacks (console + metrics.jsonl, MLflow, checkpointing). It knows nothing of DeepSpeed,
-FSDP or MLflow. One optimizer step = ``grad_accum`` micro-batches on every rank.
+list of callbacks (console + metrics.jsonl, MLflow, throughput/MFU, checkpointing). It knows
+nothing of DeepSpeed, FSDP or MLflow. One optimizer step = ``grad_accum`` micro-batches on every
+rank (the engine's ``grad_accum``). Its settings are the ``train`` section (``TrainConfig``):
+``max_steps``, ``log_interval``, ``eval_interval``, ``max_bad_steps`` and the LR schedule
+(``engine.optim.lr_at``).
+
+Each batch is moved to the device here, once (non-blocking on CUDA); engines take tensors that are
+already on their device.
 
 Stops: ``max_steps`` reached (status "done"), a stop signal on any rank (checkpoint, then
 "signal"), or ``max_bad_steps`` consecutive non-finite steps ("bad_steps", no checkpoint written,
@@ -15,12 +21,15 @@ import math
 import signal
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Protocol
 
 import torch
 
 from slam_pretrain.distributed import all_reduce_any, all_reduce_mean
-from slam_pretrain.training.metrics import mfu
+from slam_pretrain.engine.optim import lr_at
+
+if TYPE_CHECKING:
+    from slam_pretrain.config import TrainConfig
 
 
 @dataclass
@@ -42,15 +51,29 @@ class TrainerState:
 
 
 class Callback:
-    """Hooks with no-op defaults; subclasses override what they need."""
+    """Hooks with no-op defaults; subclasses override what they need.
+
+    Per optimizer step, in this order: ``on_train_step(trainer, out)`` with the step's figures
+    (``loss``, ``lr``, ``grad_norm``, ``skipped``, ``step_time_s``, ``data_wait_s``); on a logged
+    step, ``metrics(trainer)`` of every callback (the fields each adds to the training record,
+    called once per record, so a callback may start a new averaging window there), then
+    ``on_log(trainer, record)`` of every callback (also for validation records); last
+    ``on_step_end(trainer)``. ``on_start`` / ``on_stop`` bracket ``fit``.
+    """
 
     def on_start(self, trainer: "Trainer") -> None: ...
-    def on_step_end(self, trainer: "Trainer") -> None: ...
+    def on_train_step(self, trainer: "Trainer", out: dict[str, Any]) -> None: ...
+    def metrics(self, trainer: "Trainer") -> dict[str, Any]:
+        return {}
     def on_log(self, trainer: "Trainer", record: dict[str, Any]) -> None: ...
+    def on_step_end(self, trainer: "Trainer") -> None: ...
     def on_stop(self, trainer: "Trainer", status: str) -> None: ...
 
 
 class EngineLike(Protocol):
+    grad_accum: int
+    device: torch.device
+
     def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor: ...
     def optimizer_step(self, lr: float) -> Any: ...
     def eval_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor: ...
@@ -89,40 +112,29 @@ class Trainer:
     def __init__(
         self,
         *,
+        train: "TrainConfig",
         engine: EngineLike,
         loader: Any,  # data_pipeline loader: iterable per epoch, state_dict(), wait_time_s
-        val_batches: Optional[Callable[[], Iterable[dict[str, torch.Tensor]]]],
-        lr_at: Callable[[int], float],
-        max_steps: int,
-        grad_accum: int,
-        tokens_per_step: int,
-        flops_per_token: float,
-        peak_flops: float,
-        world_size: int,
-        device: torch.device,
-        log_interval: int,
-        eval_interval: int,
-        max_bad_steps: int,
+        seq_len: int,  # tokens per sequence: a step consumes train.global_batch_size x seq_len tokens
         callbacks: list[Callback],
+        val_batches: Optional[Callable[[], Iterable[dict[str, torch.Tensor]]]] = None,
         state: Optional[TrainerState] = None,
-        memory_fn: Callable[[], float] = lambda: float("nan"),
         stop_flag: Optional[StopFlag] = None,
-        peak_measured: bool = False,  # peak_flops was measured here (an estimate): MFU shown as ~x%
     ):
-        self.engine, self.loader, self.val_batches = engine, loader, val_batches
-        self.lr_at, self.max_steps, self.grad_accum = lr_at, max_steps, grad_accum
-        self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
-        self.peak_flops, self.world_size, self.device = peak_flops, world_size, device
-        self.peak_measured = peak_measured
-        self.log_interval, self.eval_interval, self.max_bad_steps = log_interval, eval_interval, max_bad_steps
-        self.callbacks, self.memory_fn = callbacks, memory_fn
+        self.train, self.engine, self.loader, self.val_batches = train, engine, loader, val_batches
+        self.tokens_per_step = train.global_batch_size * seq_len
+        self.callbacks = callbacks
+        # Shared with whoever saves checkpoints (training.run.TrainingRun): updated in place, never replaced.
         self.state = state or TrainerState()
         # Install the handler as early as possible (the caller may pass one installed at start-up,
         # before the slow imports and init, so an early SLURM signal is not lost).
         self.stop_flag = stop_flag or StopFlag()
         self.status = "running"
         self._epoch_iter: Optional[Iterator[dict[str, torch.Tensor]]] = None
-        self._window = {"steps": 0, "time": 0.0, "wait": 0.0, "tokens": 0}
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
 
     # -- data ------------------------------------------------------------------------------
     def _next_batch(self) -> dict[str, torch.Tensor]:
@@ -136,7 +148,8 @@ class Trainer:
         raise RuntimeError("the training loader yielded no batch in a whole epoch")
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        nb = self.device.type == "cuda"
+        """The one place a batch moves to the device (engines expect it there)."""
+        nb = self.device.type == "cuda"  # pinned host memory -> copy overlaps compute
         return (batch["input_ids"].to(self.device, non_blocking=nb),
                 batch["labels"].to(self.device, non_blocking=nb))
 
@@ -144,15 +157,16 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         t0 = time.perf_counter()
         wait0 = getattr(self.loader, "wait_time_s", 0.0)
-        lr = self.lr_at(self.state.step)
+        lr = lr_at(self.state.step, self.train)
+        grad_accum = self.engine.grad_accum
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        for _ in range(self.grad_accum):
+        for _ in range(grad_accum):
             input_ids, labels = self._to_device(self._next_batch())
             # Summed on the device: one host sync per step (the .item() below), not per micro-batch.
             loss_sum += self.engine.forward_backward(input_ids, labels).double()
         result = self.engine.optimizer_step(lr)
         # The mean over ranks of each rank's mean micro-batch loss (equal-sized batches).
-        loss = all_reduce_mean(loss_sum.item() / self.grad_accum)
+        loss = all_reduce_mean(loss_sum.item() / grad_accum)
         self.state.step += 1
         self.state.tokens += self.tokens_per_step
         if result.skipped or not math.isfinite(loss):
@@ -166,33 +180,23 @@ class Trainer:
         return {"loss": loss, "lr": lr, "grad_norm": float(result.grad_norm), "skipped": bool(result.skipped),
                 "step_time_s": dt, "data_wait_s": wait}
 
-    def _window_record(self, out: dict[str, Any]) -> Optional[dict[str, Any]]:
-        """Accumulate per-step figures; every log_interval steps return a record averaged over the window."""
-        w = self._window
-        w["steps"] += 1
-        w["time"] += out["step_time_s"]
-        w["wait"] += out["data_wait_s"]
-        w["tokens"] += self.tokens_per_step
-        if self.state.step % self.log_interval and self.state.step != self.max_steps:
+    def train_record(self, out: dict[str, Any]) -> Optional[dict[str, Any]]:
+        """Every log_interval steps (and at the last step): this step's record, with the fields each
+        callback's ``metrics`` adds (throughput, MFU, memory: ThroughputCallback); else None."""
+        step = self.state.step
+        if step % self.train.log_interval and step != self.train.max_steps:
             return None
-        tokens_per_s = w["tokens"] / max(w["time"], 1e-9)
         record = {
-            "step": self.state.step,
-            "max_steps": self.max_steps,
+            "step": step,
+            "max_steps": self.train.max_steps,
             "loss": out["loss"],  # this step's loss (exactly comparable across resumed runs)
             "lr": out["lr"],
             "grad_norm": out["grad_norm"],
             "tokens": self.state.tokens,
-            "tokens_per_s": tokens_per_s,
-            "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak_flops, self.world_size),  # None above 100%
-            "step_time_s": w["time"] / w["steps"],
-            "data_wait_s": w["wait"] / w["steps"],
-            "mem_gb": self.memory_fn(),
-            "skipped_steps": self.state.bad_total,
         }
-        if self.peak_measured:
-            record["mfu_peak_measured"] = True  # for the console only
-        self._window = {k: 0 for k in w}
+        for cb in self.callbacks:
+            record.update(cb.metrics(self))
+        record["skipped_steps"] = self.state.bad_total
         return record
 
     def evaluate(self) -> Optional[dict[str, Any]]:
@@ -209,7 +213,7 @@ class Trainer:
         if n == 0:
             return None
         val_loss = all_reduce_mean(total / n)
-        return {"step": self.state.step, "max_steps": self.max_steps, "split": "val",
+        return {"step": self.state.step, "max_steps": self.train.max_steps, "split": "val",
                 "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
     def _emit(self, record: dict[str, Any]) -> None:
@@ -221,20 +225,22 @@ class Trainer:
         """Run until done, a stop signal, or too many bad steps; return the final status."""
         if not self.stop_flag.installed:
             self.stop_flag.install()
+        t = self.train
         self.engine.train()
         try:
             for cb in self.callbacks:
                 cb.on_start(self)
-            while self.state.step < self.max_steps:
+            while self.state.step < t.max_steps:
                 out = self.train_step()
-                if self.state.bad_consecutive >= self.max_bad_steps:
+                for cb in self.callbacks:
+                    cb.on_train_step(self, out)
+                if self.state.bad_consecutive >= t.max_bad_steps:
                     self.status = "bad_steps"
                     break
-                record = self._window_record(out)
+                record = self.train_record(out)
                 if record is not None:
                     self._emit(record)
-                if self.eval_interval and self.state.step % self.eval_interval == 0 \
-                        and self.state.step != self.max_steps:
+                if t.eval_interval and self.state.step % t.eval_interval == 0 and self.state.step != t.max_steps:
                     val = self.evaluate()
                     if val is not None:
                         self._emit(val)
