@@ -1,4 +1,4 @@
-"""``slam-pretrain`` command line: prepare, train, generate, export, eval, demo.
+"""``slam-pretrain`` command line: prepare, train, generate, export, eval, eval-long, finetune, classify, demo.
 
 User mistakes (ConfigError, UserError, DataError, missing files, and OSErrors of writing: no
 space, read-only, permission denied) become one line on stderr and exit code 2; nothing else in
@@ -101,6 +101,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return eval_cli(args)
 
 
+def cmd_eval_long(args: argparse.Namespace) -> int:
+    from slam_pretrain.downstream.long_eval import eval_long_cli
+
+    return eval_long_cli(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from slam_pretrain.demo import run_demo
 
@@ -160,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     from slam_pretrain.downstream.lm_eval_adapter import add_eval_parser
 
     add_eval_parser(sub).set_defaults(func=cmd_eval)
+    from slam_pretrain.downstream.long_eval import add_eval_long_parser
+
+    add_eval_long_parser(sub).set_defaults(func=cmd_eval_long)
 
     p = sub.add_parser("demo", help="prepare the stdlib dataset, train the tiny model, generate")
     p.add_argument("--config", default="configs/tiny_cpu.yaml")
