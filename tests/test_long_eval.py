@@ -75,7 +75,7 @@ def loaded(run: dict):
 # Buckets.
 
 def test_bucket_starts_and_means() -> None:
-    from slam_pretrain.downstream.long_eval import bucket_losses, bucket_starts
+    from slam_pretrain.downstream.position_loss import bucket_losses, bucket_starts
     from slam_pretrain.errors import UserError
 
     assert bucket_starts("pow2", 128) == [0, 1, 2, 4, 8, 16, 32, 64]
@@ -147,15 +147,15 @@ def test_loss_by_position_matches_hand_computation(loaded, tiny_manifest: Path, 
 # Passkey retrieval against independent generations and scores.
 
 def _trials(tokenizer, lengths, depths, trials):
-    from slam_pretrain.downstream.long_eval import make_keys, passkey_trials
+    from slam_pretrain.downstream.passkey import make_keys, passkey_trials
 
     return passkey_trials(tokenizer, lengths, depths, make_keys(trials, 0))
 
 
 def test_passkey_prompts_and_generation_accuracy(loaded) -> None:
     from slam_pretrain.downstream.generate import generate_ids
-    from slam_pretrain.downstream.long_eval import (INTRO, NEEDLE, QUESTION, eval_long, first_number, make_keys,
-                                                    min_passkey_length)
+    from slam_pretrain.downstream.long_eval import eval_long
+    from slam_pretrain.downstream.passkey import INTRO, NEEDLE, QUESTION, first_number, make_keys, min_passkey_length
 
     model, tok, meta = loaded
     shortest = min_passkey_length(tok, make_keys(3, 0))
@@ -189,7 +189,8 @@ def test_passkey_prompts_and_generation_accuracy(loaded) -> None:
 
 
 def test_passkey_loglik_accuracy(loaded) -> None:
-    from slam_pretrain.downstream.long_eval import ANSWER, eval_long, make_keys, min_passkey_length
+    from slam_pretrain.downstream.long_eval import eval_long
+    from slam_pretrain.downstream.passkey import ANSWER, make_keys, min_passkey_length
 
     model, tok, meta = loaded
     lengths, depths = [min_passkey_length(tok, make_keys(4, 0)), 256], [0.0, 1.0]
@@ -226,7 +227,7 @@ def _png_ok(path: Path) -> None:
 def test_cli_table_json_plots_mlflow(run: dict, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
-    from slam_pretrain.downstream.long_eval import metrics_of
+    from slam_pretrain.downstream.long_eval_report import metrics_of
 
     out = tmp_path / "ev"
     r = _cli("--checkpoint", str(run["out_dir"]), "--lengths", "160,256", "--depths", "0,1", "--trials", "2",
@@ -270,7 +271,8 @@ def test_export_into_a_given_run(run: dict, export: Path, capsys) -> None:
     lengths, capped at max_seq_len; default output next to the export; passkey only."""
     from mlflow import MlflowClient
 
-    from slam_pretrain.downstream.long_eval import eval_long_cli, metrics_of
+    from slam_pretrain.downstream.long_eval import eval_long_cli
+    from slam_pretrain.downstream.long_eval_report import metrics_of
 
     client = MlflowClient(tracking_uri=run["uri"])
     exp = client.get_experiment_by_name(run["experiment"])
