@@ -6,7 +6,8 @@ the same run (CPU, fp32, one process per loop).
    DeepSpeed ZeRO-1 and FSDP2) runs in a subprocess with ``train.log_interval=1``. The baseline is a
    bare loop in a subprocess of this script: the same resolved config, ``SLAMv1LM`` built from the
    same seed, the same loader (``build_loader`` with the run's loader settings: the same batches in
-   the same order), torch AdamW over the same parameter groups, the same micro-batch / grad-accum,
+   the same order), the engines' torch AdamW (``build_optimizer``: the same parameter groups,
+   ``foreach``), the same micro-batch / grad-accum,
    LR schedule and gradient clipping, timed the same way (data fetch included). Both run with the
    same ``OMP_NUM_THREADS`` / ``torch.set_num_threads``; the first ``--warmup`` steps are skipped.
    The losses of the loops are compared (same model, same batches). The CLI's final eval /
@@ -65,6 +66,7 @@ STEP_LINE = re.compile(r"^step (\d+)/\d+ \| loss ")
 RESULT_PREFIX = "BENCH_RESULT "
 AC_LAYOUT = ["model.segment_len=512", "model.overlap=128"]
 MMAP_THRESHOLD = 65536  # MALLOC_MMAP_THRESHOLD_ of the allocator-slack-free memory runs
+TARGET = 0.97  # trainer tok/s / bare-loop tok/s aimed at (issue 12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,7 +126,7 @@ def worker_bare(args: argparse.Namespace) -> None:
     from data_pipeline.manifest import load_manifest
     from slam_pretrain.config import load_config
     from slam_pretrain.model import SLAMv1LM
-    from slam_pretrain.engine.optim import lr_at, param_groups
+    from slam_pretrain.engine.optim import build_optimizer, lr_at
 
     torch.set_num_threads(args.threads)
     cfg = load_config(str(CONFIG), args.set)
@@ -136,7 +138,7 @@ def worker_bare(args: argparse.Namespace) -> None:
     model = SLAMv1LM(cfg.model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+    opt = build_optimizer(model, t)  # the engines' AdamW (same groups, foreach): only the framework differs
     manifest = load_manifest(str(Path(cfg.data.dataset_dir) / "manifest.json"))
     loader = build_loader(manifest, rank=0, world_size=1, micro_batch_size=t.micro_batch_size, seed=cfg.run.seed,
                           split="train", **loader_kwargs(cfg.data))
@@ -553,7 +555,7 @@ def main_bench(args: argparse.Namespace) -> int:
         # Rounds with glibc's default malloc (time and memory as a run sees them), then one with a
         # fixed mmap threshold (memory only: freed blocks go back to the OS, RSS follows live bytes).
         # The default-malloc processes then time both modes alternately (ac_pairs pairs each).
-        plan = [(r, None) for r in range(ac_rounds)] + [(ac_rounds, MMAP_THRESHOLD)]
+        plan = [] if args.no_ac else [(r, None) for r in range(ac_rounds)] + [(ac_rounds, MMAP_THRESHOLD)]
         for r, thr in plan:
             peaks.append(measure_peak(args.threads, 1.0))
             for mode in _rotate(ac_modes, r):
@@ -647,18 +649,30 @@ def main_bench(args: argparse.Namespace) -> int:
     for name in ("deepspeed", "fsdp"):
         print(f"   {labels[name]}: max |loss - bare loss| over all steps = "
               f"{summary[name]['max_abs_loss_diff_vs_bare']:.2e} (same model, same batches)")
-    verdict = {n: summary[n]["ratio_vs_bare"] >= 0.95 for n in ("deepspeed", "fsdp")}
+    verdict = {n: summary[n]["ratio_vs_bare"] >= TARGET for n in ("deepspeed", "fsdp")}
     if lockstep:
         print("   (a) moves with the load each process happens to meet (see the per-round spread); (b) compares steps "
               "taken within")
         print("   about a second of each other and is the figure to trust on a shared machine.")
-    print("   target tok/s >= 0.95 x bare (a): " + ", ".join(f"{labels[n]} {'MET' if ok else 'NOT MET'}"
+    print(f"   target tok/s >= {TARGET} x bare (a): " + ", ".join(f"{labels[n]} {'MET' if ok else 'NOT MET'}"
                                                               for n, ok in verdict.items())
           + ("" if not lockstep else "; (b): " + ", ".join(
-              f"{labels[n]} {'MET' if summary[n]['lockstep_ratio_vs_bare'] >= 0.95 else 'NOT MET'}"
+              f"{labels[n]} {'MET' if summary[n]['lockstep_ratio_vs_bare'] >= TARGET else 'NOT MET'}"
               for n in ("deepspeed", "fsdp"))))
 
     # -- activation checkpointing -----------------------------------------------------------
+    if args.no_ac:
+        ac_runs["none"] = []
+    if not ac_runs["none"]:  # --no-ac: section 2 was not measured
+        print("=" * W)
+        wall = time.perf_counter() - t_start
+        print(f"3. Matmul peak (1024^3 fp32, {args.threads} thread(s)): median {peak / 1e9:.2f} GFLOP/s; "
+              f"wall time {wall:.0f} s")
+        res_json.update({"summary": summary, "matmul_peak_median": peak, "wall_s": wall})
+        if args.json:
+            Path(args.json).write_text(json.dumps(res_json, indent=1))
+            print(f"wrote {args.json}")
+        return 0
     ac0 = ac_runs["none"][0]
     n_params = ac0["params"]
     ac_fpt = flops_per_token(load_config(str(CONFIG), [f"model.max_seq_len={args.ac_seq_len}",
@@ -753,6 +767,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--ac-pairs", type=int, default=0,
                    help="alternating none/ef_cycles step pairs timed per default-malloc AC process (default 3, quick 2)")
     p.add_argument("--ac-engine", default="deepspeed", choices=["deepspeed", "fsdp"])
+    p.add_argument("--no-ac", action="store_true", help="skip section 2 (activation checkpointing at 4K)")
     p.add_argument("--workdir", help="keep datasets and runs here (default: a temporary directory, removed)")
     return main_bench(p.parse_args(argv))
 

@@ -37,6 +37,16 @@ them round-robin, i.e. in order: the batch sequence does not depend on the numbe
 Prefetching happens chunk-wise; the position counts only batches handed to the consumer.
 Nothing is seeded from time, pid or hash().
 
+*Cut rows (staged context extension).* ``set_seq_len(L)`` hands out sequences of L tokens from
+rows prepared at R = ``manifest.seq_len`` tokens, L dividing R: each row (R + 1 tokens: inputs
+row[:-1], labels row[1:]) becomes its R / L consecutive pieces, piece i with inputs
+row[iL:(i+1)L] and labels row[iL+1:(i+1)L+1], in order, next to each other in the batch
+([b * R/L, L] instead of [b, R]). Every token is still an input once and a target once: nothing
+is repeated or skipped. The state stays one number, counted in prepared rows, and the cut is
+applied only when a batch is handed over (after prefetching), so changing L between two batches
+(a phase switch at a step boundary) needs no restart and a resume at any position gives the same
+batches whatever L was before. Set L on every rank alike (the trainer does, from the step).
+
 *Validation split.* ``split="val"`` uses a fixed order (epoch 0 of the val permutation) and every
 ``iter()`` starts from the beginning: ceil(N_val / M) rounds, the last one wrapping around to the
 first rows. The same batches every time.
@@ -322,6 +332,7 @@ class TokenLoader:
         pad = manifest.tokenizer.get("pad_id", 0)
         self.pad_id = -1 if pad is None else int(pad)  # None: no pad token, no padded row (tail dropped)
         self._position = 0
+        self._cut = 1  # pieces per prepared row (set_seq_len)
         self._active: Optional[weakref.ref] = None  # weak: no loader <-> generator cycle
         self.wait_time_s = 0.0  # cumulative time the consumer waited in next(); see pop_wait_time()
         self.bytes_read = 0  # bytes this rank transferred from the shards (all workers)
@@ -331,6 +342,27 @@ class TokenLoader:
     @property
     def num_rows(self) -> int:
         return self._source.num_rows
+
+    @property
+    def row_len(self) -> int:
+        """Tokens per prepared row (inputs; the manifest's seq_len)."""
+        return self.manifest.row_format.row_tokens - 1
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens per sequence handed out: row_len, or what ``set_seq_len`` chose."""
+        return self.row_len // self._cut
+
+    def set_seq_len(self, seq_len: Optional[int]) -> None:
+        """Hand out sequences of ``seq_len`` tokens (None: the prepared length), each prepared row
+        cut into row_len / seq_len consecutive pieces (see the module doc). Takes effect with the
+        next batch handed over, also in an iteration under way."""
+        row = self.row_len
+        n = row if seq_len is None else seq_len
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1 or row % n:
+            raise DataError(f"seq_len={seq_len!r} is invalid for {self.manifest.location}: it must divide the "
+                            f"prepared row length {row} (data.seq_len; e.g. {row // 2}, {row // 4})")
+        self._cut = row // n
 
     @property
     def round_size(self) -> int:
@@ -415,11 +447,13 @@ class TokenLoader:
                 shutdown()
 
     def _batch(self, data: np.ndarray) -> dict[str, torch.Tensor]:
-        b, width = data.shape  # [b, L+1]
+        b, width = data.shape  # [b, R+1]
+        cut = self._cut
         # Pinned: allocate the tensors page-locked and fill them in place (no second copy to pin).
-        input_ids = torch.empty((b, width - 1), dtype=torch.int64, pin_memory=self.pin_memory)
-        labels_t = torch.empty((b, width - 1), dtype=torch.int64, pin_memory=self.pin_memory)
-        inputs, labels = input_ids.numpy(), labels_t.numpy()
+        # [b * cut, R / cut] is [b, R] in memory: row i's pieces are rows i*cut .. i*cut + cut - 1.
+        input_ids = torch.empty((b * cut, (width - 1) // cut), dtype=torch.int64, pin_memory=self.pin_memory)
+        labels_t = torch.empty((b * cut, (width - 1) // cut), dtype=torch.int64, pin_memory=self.pin_memory)
+        inputs, labels = input_ids.numpy().reshape(b, width - 1), labels_t.numpy().reshape(b, width - 1)  # views
         inputs[...] = data[:, :-1]  # widen and shift in one pass each
         labels[...] = data[:, 1:]
         padded = np.nonzero(data[:, -1] == self.pad_id)[0] if self.pad_id >= 0 else ()  # a split's last row

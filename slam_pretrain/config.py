@@ -28,6 +28,7 @@ from data_pipeline.config import DataConfig, DataConfigError
 from slam_pretrain.errors import ConfigError
 from slam_pretrain.redact import redact
 from slam_pretrain.model import ModelConfig
+from slam_pretrain.training.context_schedule import Phase, check_lengths, parse_schedule
 
 if TYPE_CHECKING:
     from torch import nn
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
 class TrainConfig:
     max_steps: int = 300
     micro_batch_size: int = 8
-    global_batch_size: int = 16  # sequences per optimizer step, over all ranks
+    global_batch_size: int = 16  # sequences of data.seq_len tokens (prepared rows) per optimizer step, all ranks
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
     warmup_steps: int = 20
@@ -58,6 +59,17 @@ class TrainConfig:
     eval_batches: int = 8
     max_bad_steps: int = 5  # consecutive non-finite steps that stop the run
     peak_flops: Optional[float] = None  # per device, overrides the MFU peak table
+    # z-loss coefficient (PaLM: 1e-4): the objective adds z_loss * mean(logsumexp(logits)^2); the
+    # logged loss stays the cross-entropy, the term is logged as z_loss. 0 = off.
+    z_loss: float = 0.0
+    # Staged context extension (training/context_schedule.py): phases [{name, until_step, seq_len,
+    # rope: {type, factor, ...}}, ...], each cutting the rows prepared at data.seq_len; batch sizes
+    # above count prepared rows, so tokens per step stay the same in every phase. [] = data.seq_len.
+    seq_len_schedule: list[dict[str, Any]] = field(default_factory=list)
+
+    def phases(self) -> list[Phase]:
+        """The parsed ``seq_len_schedule`` ([] without one)."""
+        return parse_schedule(self.seq_len_schedule, self.max_steps)
 
     def validate(self, prefix: str = "train") -> None:
         for key in ("max_steps", "micro_batch_size", "global_batch_size", "log_interval",
@@ -84,6 +96,9 @@ class TrainConfig:
             raise ConfigError(f"{prefix}.{key}={getattr(self, key)!r} is invalid: must be >= 0")
         if self.peak_flops is not None and self.peak_flops <= 0:
             raise ConfigError(f"{prefix}.peak_flops={self.peak_flops!r} is invalid: must be positive or null")
+        if self.z_loss < 0:
+            raise ConfigError(f"{prefix}.z_loss={self.z_loss!r} is invalid: must be >= 0 (0 = off; PaLM uses 1e-4)")
+        parse_schedule(self.seq_len_schedule, self.max_steps, f"{prefix}.seq_len_schedule")
 
 
 @dataclass
@@ -112,6 +127,11 @@ class CheckpointConfig:
     # Checked before resuming: every file's size against the checkpoint's files.json (size), also
     # its sha256 (full: reads every byte once), or nothing (none).
     verify: Literal["size", "full", "none"] = "size"
+    # Write checkpoints in the background where the engine can (FSDP2: DCP async_save, the copy
+    # overlapping the next forward/backward); the previous one stays `latest` until the new one is
+    # wholly on disk. Off by default (as torchtitan): a kill right after a save then finds that
+    # save published; turn it on where saves are long (large models, slow filesystems).
+    async_save: bool = False
 
     def validate(self, prefix: str = "checkpoint") -> None:
         for key in ("interval", "keep_every"):
@@ -174,6 +194,35 @@ class FinetuneConfig:
 
 
 @dataclass
+class StabilityConfig:
+    """Loss-spike monitor (training/stability.py): a step whose loss z-score over the last
+    ``window`` good steps exceeds ``z_threshold`` (after ``min_steps`` of them) is a spike."""
+
+    enabled: bool = False
+    policy: Literal["skip", "rollback", "stop"] = "skip"
+    z_threshold: float = 6.0
+    window: int = 100  # good steps in the running mean/std
+    min_steps: int = 20  # good steps seen before the monitor arms
+    max_rollbacks: int = 3  # rollbacks allowed for spikes within rollback_window_steps; one more stops
+    rollback_window_steps: int = 1000
+    lr_factor: float = 1.0  # after a rollback the LR is multiplied by this for lr_factor_steps steps
+    lr_factor_steps: int = 0
+
+    def validate(self, prefix: str = "stability") -> None:
+        if self.z_threshold <= 0:
+            raise ConfigError(f"{prefix}.z_threshold={self.z_threshold!r} is invalid: must be > 0 (e.g. 6.0)")
+        for key, low in (("window", 2), ("min_steps", 2), ("max_rollbacks", 1), ("rollback_window_steps", 1),
+                         ("lr_factor_steps", 0)):
+            if getattr(self, key) < low:
+                raise ConfigError(f"{prefix}.{key}={getattr(self, key)!r} is invalid: must be >= {low}")
+        if self.min_steps > self.window:
+            raise ConfigError(f"{prefix}.min_steps={self.min_steps} is invalid: must be <= {prefix}.window="
+                              f"{self.window} (the window never holds more steps, so it would never arm)")
+        if not 0.0 < self.lr_factor <= 1.0:
+            raise ConfigError(f"{prefix}.lr_factor={self.lr_factor!r} is invalid: must be in (0, 1]")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -183,6 +232,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     run: RunConfig = field(default_factory=RunConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    stability: StabilityConfig = field(default_factory=StabilityConfig)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
@@ -197,6 +247,7 @@ class Config:
                               f"model.max_seq_len={self.model.max_seq_len}")
         if self.model.vocab_size > 2**32:
             raise ConfigError(f"model.vocab_size={self.model.vocab_size} is invalid: must be < 2**32")
+        check_lengths(self.train.phases(), self.data.seq_len, self.model)  # each phase cuts data.seq_len rows
 
     def build_engine(self, model: "nn.Module", dist: "DistInfo") -> "Engine":
         """The engine named by ``engine.name`` around ``model`` (moved to ``dist.device``)."""

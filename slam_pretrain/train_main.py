@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 from slam_pretrain.config import Config
-from slam_pretrain.errors import UserError
+from slam_pretrain.errors import ConfigError, UserError
 from slam_pretrain.model import count_params
 
 if TYPE_CHECKING:
@@ -44,8 +44,9 @@ def _export_final(latest: Optional[Path], out_dir: Path, tracker: Any) -> None:
     print(f"exported {out}", flush=True)
 
 
-def _loaders(cfg: Config, manifest: Any, dist: "DistInfo") -> tuple[Any, Optional[Callable[[], Iterator[Any]]]]:
-    """This rank's training loader, and the validation batches (None when train.eval_batches is 0)."""
+def _loaders(cfg: Config, manifest: Any, dist: "DistInfo") -> tuple[Any, Any, Optional[Callable[[], Iterator[Any]]]]:
+    """This rank's training and validation loaders, and the validation batches (None when
+    train.eval_batches is 0)."""
     from data_pipeline.loader import build_loader, loader_kwargs
 
     t, kwargs = cfg.train, loader_kwargs(cfg.data, dist.device)  # pinned batches for a CUDA device
@@ -62,7 +63,7 @@ def _loaders(cfg: Config, manifest: Any, dist: "DistInfo") -> tuple[Any, Optiona
                 break
             yield batch
 
-    return loader, val_batches if t.eval_batches else None
+    return loader, val_loader, val_batches if t.eval_batches else None
 
 
 def _model_line(cfg: Config, run: "TrainingRun") -> str:
@@ -79,6 +80,8 @@ def _final_line(cfg: Config, run: "TrainingRun", status: str) -> str:
                 f"the last good checkpoint is {run.newest}")
     if status == "signal":
         return f"stopped by signal at step {step}; checkpoint {run.newest}"
+    if status == "loss_spike":  # the monitor printed the spike line (stability.policy / max_rollbacks)
+        return f"stopped: loss spike at step {step}; the last good checkpoint is {run.newest}"
     return (f"done: {step} steps, {run.state.tokens:,} tokens; checkpoint {run.newest}; "
             f"metrics {run.out_dir / 'metrics.jsonl'}")
 
@@ -98,14 +101,27 @@ def run_training(cfg: Config, resume: str = "auto") -> int:
     manifest_loc = _manifest_location(cfg)
     manifest = load_manifest(manifest_loc)
     check_compatible(manifest, vocab_size=cfg.model.vocab_size, seq_len=cfg.data.seq_len)
+    eos = manifest.tokenizer.get("eos_id")
+    if cfg.model.doc_masking and eos is not None and int(eos) != cfg.model.eos_id:
+        # Documents are told apart by the EOS token: masking on another id would silently mix them.
+        raise ConfigError(f"model.eos_id={cfg.model.eos_id} is invalid: the dataset's tokenizer ends documents "
+                          f"with {eos}; set model.eos_id={eos}")
     run = TrainingRun.open(cfg, stop_flag)  # processes, grad accumulation, out_dir (writable), seed
     engine = cfg.build_engine(SLAMv1LM(cfg.model), run.dist)
-    loader, val_batches = _loaders(cfg, manifest, run.dist)
+    loader, val_loader, val_batches = _loaders(cfg, manifest, run.dist)
     tokenizer_path = manifest.tokenizer_path() if run.main else None
     run.resume(resume, engine, loader, tokenizer_path=tokenizer_path,
                checksums={"tokenizer_sha256": manifest.tokenizer_sha256, "manifest_sha256": sha256_of(manifest_loc)})
     run.start_tracking(artifacts=[tokenizer_path] if tokenizer_path is not None else [])
     callbacks = run.callbacks(cfg.data.seq_len, _model_line(cfg, run))
+    if cfg.train.seq_len_schedule:  # staged context extension: both loaders cut rows to the phase's length
+        from slam_pretrain.training.callbacks import ContextScheduleCallback
+
+        callbacks.append(ContextScheduleCallback(cfg.train.phases(), cfg.model, [loader, val_loader], cfg.data.seq_len))
+    if cfg.train.z_loss:  # the model adds the z-loss to its training gradient; records get z_loss
+        from slam_pretrain.training.callbacks import ZLossCallback
+
+        callbacks.append(ZLossCallback(engine.model, cfg.train.z_loss))
     if run.main:
         print(run.speed.peak_line(), flush=True)
     trainer = Trainer(train=cfg.train, engine=engine, loader=loader, seq_len=cfg.data.seq_len, callbacks=callbacks,
@@ -113,4 +129,4 @@ def run_training(cfg: Config, resume: str = "auto") -> int:
     status = run.fit(trainer)
     if run.main and status == "done":
         _export_final(run.newest, run.out_dir, run.tracker)
-    return run.finish(status, _final_line(cfg, run, status), stderr=status == "bad_steps")
+    return run.finish(status, _final_line(cfg, run, status), stderr=status in ("bad_steps", "loss_spike"))

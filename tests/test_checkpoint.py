@@ -1,8 +1,11 @@
-"""CheckpointManager: layout, atomic publish under SIGKILL, retention, compatibility, weights_only.
+"""CheckpointManager: layout, atomic publish under SIGKILL, retention, compatibility, weights_only,
+asynchronous saves and per-rank RNG streams.
 
-Two spawned runs with a real FSDP engine: a 2-rank run that publishes step 1 and is SIGKILLed
+Spawned runs with a real FSDP engine: a 2-rank run that publishes step 1 and is SIGKILLed
 while writing step 2, then a 1-rank run that cleans up, finds step 1, loads it (world size
-changed) and exercises save/retention/compatibility. The rest needs no process.
+changed) and exercises save/retention/compatibility; a 2-rank run of asynchronous saves (DCP
+``async_save``) SIGKILLed after a save's data is on disk and before it is published; two 2-rank
+runs with dropout (each rank its own stream, the same on every run). The rest needs no process.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 import os
 import random
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +24,7 @@ import torch
 
 from dist_utils import run_distributed
 from slam_pretrain.training.checkpoint import (CheckpointManager, capture_rng, check_compatible, find_latest, is_complete,
-                                      restore_rng)
+                                      rank_stream_seed, rank_stream_state, restore_rng)
 from slam_pretrain.config import Config
 from slam_pretrain.engine import build_engine
 from slam_pretrain.errors import UserError
@@ -61,10 +65,12 @@ def train_step(engine: Any, seed: int) -> None:
     engine.optimizer_step(1e-3)
 
 
-def _save(mgr: CheckpointManager, engine: Any, cfg: Config, step: int, tok: Path, info: Any) -> Path:
+def _save(mgr: CheckpointManager, engine: Any, cfg: Config, step: int, tok: Path, info: Any,
+          blocking: bool = True) -> Path:
     return mgr.save(step, engine, rank_state={"loader": {"epoch": 0, "batches": step * 10 + info.rank}},
                     trainer_state={"step": step, "tokens": step * 256}, config_yaml=cfg.to_yaml(),
-                    checksums={"tokenizer_sha256": "aa" * 32, "manifest_sha256": "bb" * 32}, tokenizer_path=tok)
+                    checksums={"tokenizer_sha256": "aa" * 32, "manifest_sha256": "bb" * 32}, tokenizer_path=tok,
+                    blocking=blocking)
 
 
 def killed_during_save(info: Any, out: str, tok: str) -> None:
@@ -102,6 +108,10 @@ def after_kill(info: Any, out: str, tok: str) -> dict[str, Any]:
     trainer_state, rank_state, changed = mgr.load(latest, engine, config=cfg,
                                                   checksums={"tokenizer_sha256": "aa" * 32})
     r.update(trainer_state=trainer_state, rank_state=rank_state, world_changed=changed)
+    # World size changed: this rank's stream is the one of (run.seed, rank, step), not a saved one.
+    saved_rng = torch.load(latest / "rank_00000.pt", weights_only=True)["rng"]
+    r["rng_reseeded"] = torch.equal(rank_state["rng"]["torch"], rank_stream_state(cfg.run.seed, 0, 1)["torch"])
+    r["rng_was_saved_one"] = torch.equal(rank_state["rng"]["torch"], saved_rng["torch"])
     want = torch.load(Path(out) / "weights_step1.pt", weights_only=True)
     got = engine.full_state_dict()
     r["weights_equal"] = all(torch.equal(got[k], want[k]) for k in want)
@@ -150,6 +160,7 @@ def after_kill(info: Any, out: str, tok: str) -> dict[str, Any]:
         train_step(engine, step)
         _save(mgr, engine, cfg, step, Path(tok), info)
     _save(mgr, engine, cfg, 7, Path(tok), info)  # the same step again (a signal right after resuming)
+    mgr.wait()  # old checkpoints are deleted in the background
     r["kept"] = sorted(p.name for p in root.iterdir())
     r["latest_pointer"] = (root / "latest").read_text()
     r["files"] = sorted(p.name for p in (root / "step_00000007").iterdir())
@@ -186,9 +197,10 @@ def test_load_after_world_change(killed_run: dict[str, Any]) -> None:
     r = killed_run
     assert r["weights_equal"]
     assert r["world_changed"] is True
-    assert r["trainer_state"] == {"step": 1, "tokens": 256}
+    assert r["trainer_state"] == {"step": 1, "tokens": 256, "branch": 0, "branch_start_step": 0}
     assert r["rank_state"]["loader"] == {"epoch": 0, "batches": 10}  # rank 0's file
     assert set(r["rank_state"]["rng"]) >= {"python", "numpy", "torch"}
+    assert r["rng_reseeded"] and not r["rng_was_saved_one"]
 
 
 def test_retention_and_layout(killed_run: dict[str, Any]) -> None:
@@ -213,6 +225,106 @@ def test_incompatible_checkpoint_errors(killed_run: dict[str, Any]) -> None:
     assert e["unsafe_rank_state"] is not None and "weights_only" in e["unsafe_rank_state"]
     # Another manifest is only reported (the loader itself checks the dataset identity).
     assert killed_run["manifest_differs"] == ["manifest_sha256"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Asynchronous saves (DCP async_save under FSDP2).
+
+def async_saves_then_killed(info: Any, out: str, tok: str) -> None:
+    """2 ranks: step 1 saved blocking; step 2 saved asynchronously while training goes on, then
+    published by wait(); step 3 saved asynchronously, and every rank SIGKILLed once its data is
+    on disk but before rank 0 publishes it (the test switch holds rank 0's publisher)."""
+    cfg = make_config(Path(out), info.world_size)
+    engine = new_engine(cfg, info)
+    mgr = CheckpointManager(out, keep_last=5, keep_every=0, dist=info)
+    root = Path(out) / "checkpoints"
+    train_step(engine, 1)
+    _save(mgr, engine, cfg, 1, Path(tok), info)
+    train_step(engine, 2)
+    weights2 = engine.full_state_dict()
+    g = torch.Generator().manual_seed(3)
+    for _ in range(engine.grad_accum):  # step 3's gradients first, so that its update ...
+        x = torch.randint(0, 2048, (2, 65), generator=g)
+        engine.forward_backward(x[:, :-1], x[:, 1:])
+    _save(mgr, engine, cfg, 2, Path(tok), info, blocking=False)
+    engine.optimizer_step(1e-3)  # ... changes every weight while step 2 is still being copied
+    mgr.wait()
+    if info.rank == 0:
+        torch.save({"weights2": weights2, "latest_after_wait": (root / "latest").read_text()},
+                   Path(out) / "async.pt")
+    os.environ["SLAM_TEST_PAUSE_BEFORE_PUBLISH_S"] = "120"
+    _save(mgr, engine, cfg, 3, Path(tok), info, blocking=False)
+    metadata = root / ".tmp_step_00000003" / "engine" / ".metadata"  # DCP writes it after every rank's data
+    for _ in range(1200):
+        if metadata.exists():
+            break
+        time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_async_save_is_exact_and_crash_safe(tmp_path: Path) -> None:
+    from slam_pretrain.engine import consolidated_state_dict
+
+    tok = tmp_path / "tok.model"
+    tok.write_bytes(b"fake sentencepiece model")
+    with pytest.raises(RuntimeError, match="exited with code -9"):
+        run_distributed(async_saves_then_killed, 2, args=(str(tmp_path), str(tok)), timeout=180)
+    seen = torch.load(tmp_path / "async.pt", weights_only=True)
+    root = tmp_path / "checkpoints"
+    assert seen["latest_after_wait"] == "step_00000002"
+    # Step 2 holds the weights of the moment it was saved, not those of the step trained meanwhile.
+    step2 = root / "step_00000002"
+    got = consolidated_state_dict(step2 / "engine", json.loads((step2 / "engine.json").read_text()))
+    assert got.keys() == seen["weights2"].keys()
+    assert all(torch.equal(got[k], seen["weights2"][k]) for k in got)
+    assert json.loads((step2 / "files.json").read_text())["previous"] == "step_00000001"
+    # Step 3: every byte written, never published; the previous checkpoint is the one found.
+    tmp3 = root / ".tmp_step_00000003"
+    assert (tmp3 / "engine" / ".metadata").is_file() and len(list((tmp3 / "engine").glob("*.distcp"))) == 2
+    assert not (root / "step_00000003").exists() and not (tmp3 / "files.json").exists()
+    assert (root / "latest").read_text() == "step_00000002" and find_latest(tmp_path) == step2
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-rank RNG streams.
+
+def dropout_streams(info: Any, out: str) -> dict[str, Any]:
+    """Weights from the common seed, then each rank's own stream: the loss of one batch in train
+    mode (dropout 0.5) before a save, after it, and again after restoring the saved stream."""
+    from slam_pretrain.training.run import seed_all
+
+    cfg = make_config(Path(out), info.world_size)
+    cfg.model.dropout = 0.5
+    seed_all(cfg.run.seed)
+    model = SLAMv1LM(cfg.model)
+    init = float(sum(p.double().sum() for p in model.parameters()))
+    engine = build_engine(cfg, model, info)
+    seed_all(cfg.run.seed, rank=info.rank)
+    engine.train()
+    x = torch.randint(0, 2048, (2, 65), generator=torch.Generator().manual_seed(0))
+
+    def loss() -> float:
+        return float(engine.eval_loss(x[:, :-1], x[:, 1:]))  # no grad, but dropout is on in train mode
+
+    first = loss()
+    mgr = CheckpointManager(out, dist=info)
+    path = mgr.save(1, engine, rank_state={"loader": {}}, trainer_state={"step": 1}, config_yaml=cfg.to_yaml(),
+                    checksums={})
+    after_save = loss()
+    _, rank_state, changed = mgr.load(path, engine, config=cfg)
+    restore_rng(rank_state["rng"])
+    return {"init": init, "first": first, "after_save": after_save, "replayed": loss(), "changed": changed}
+
+
+def test_each_rank_draws_its_own_dropout_masks_reproducibly(tmp_path: Path) -> None:
+    runs = [run_distributed(dropout_streams, 2, args=(str(tmp_path / f"run{i}"),), timeout=180) for i in range(2)]
+    for ranks in runs:
+        assert ranks[0]["init"] == ranks[1]["init"]  # identical initial weights on every rank
+        assert ranks[0]["first"] != ranks[1]["first"]  # same weights and batch: only the masks differ
+        for r in ranks:
+            assert r["changed"] is False and r["replayed"] == r["after_save"] != r["first"]
+    assert runs[0] == runs[1]  # the same seed gives the same per-rank streams on every run
+    assert len({rank_stream_seed(1234, r, s) for r in range(4) for s in (None, 0, 1)}) == 12
 
 
 # ---------------------------------------------------------------------------------------------

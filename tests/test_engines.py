@@ -6,12 +6,19 @@ things per variant; the tests below only assert on what those runs recorded:
   A  2 ranks: train K steps (grad_accum 2), save, continue M steps (the uninterrupted run); live
      weights == consolidated_state_dict(saved); a NaN injected on rank 1 is skipped on every rank
      with weights unchanged, then two more steps; activation checkpointing none / ef_cycles / all
-     give identical losses and gradients.
+     give identical losses and gradients; an engine built from a model factory (meta device /
+     zero.Init) starts from the same weights as one around an eagerly built model and trains
+     bitwise alike.
+  C  1 rank: the same as A at world size 1 (grad_accum 4, same global batch), the factory check
+     too, and the elastic load of A's 2-rank checkpoint (DCP resharding / DeepSpeed universal
+     checkpoint).
   B  2 ranks, a fresh process group: load A's checkpoint, run M + 2 steps: bitwise A's losses
-     (so the skipped step changed neither weights nor optimizer state).
-  C  1 rank: the same as A at world size 1 (grad_accum 4, same global batch), and the elastic
-     load of A's 2-rank checkpoint (DCP resharding / DeepSpeed universal checkpoint).
+     (so the skipped step changed neither weights nor optimizer state); and the elastic load of
+     C's 1-rank FSDP checkpoint (unsharded at world 1) into 2 ranks.
   D  1 rank, fresh process: load C's checkpoint, bitwise C's continuation.
+
+Plus, in a subprocess of 2 ranks: the peak host RSS of building a ~300M-parameter model through
+the FSDP engine's factory path.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from dist_utils import run_distributed
 from slam_pretrain.config import Config
 from slam_pretrain.engine import build_engine, consolidated_state_dict, grad_accum_steps
 from slam_pretrain.errors import ConfigError
-from slam_pretrain.model import ModelConfig, SLAMv1LM
+from slam_pretrain.model import ModelConfig, SLAMv1LM, count_params
 
 VARIANTS = {"ds0": ("deepspeed", 0), "ds1": ("deepspeed", 1), "ds2": ("deepspeed", 2),
             "ds3": ("deepspeed", 3), "fsdp": ("fsdp", 1)}
@@ -99,10 +106,34 @@ def engine_grads(engine: Any) -> dict[str, torch.Tensor]:
         for name, p in engine.model.named_parameters():
             g = safe_get_full_grad(p)
             out[name] = (g if g is not None else p.grad).detach().float().cpu().clone()
-    else:
+    else:  # FSDP2: DTensor gradients, or plain ones at world 1 in fp32 (not sharded)
         for name, p in engine.model.named_parameters():
-            out[name] = p.grad.full_tensor().detach().float().cpu().clone()
+            g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            out[name] = g.detach().float().cpu().clone()
     return out
+
+
+def check_factory_build(info: Any, v: str, out: Path) -> dict[str, Any]:
+    """An engine built from a factory (meta device, or zero.Init for ZeRO-3) with run.seed = s
+    against one around SLAMv1LM built eagerly after torch.manual_seed(s): same weights, then the
+    same two training steps (which also catches a tied LM head that did not stay tied)."""
+    res: dict[str, Any] = {}
+    for how in ("eager", "factory"):
+        cfg = make_config(v, out / f"build_{how}")
+        cfg.run.seed = 77
+        torch.manual_seed(cfg.run.seed if how == "eager" else 5)  # the factory path must not read it
+        engine = build_engine(cfg, SLAMv1LM(cfg.model) if how == "eager" else (lambda: SLAMv1LM(cfg.model)), info)
+        res[how] = {"weights": engine.full_state_dict(), "steps": run_steps(engine, info, 2),
+                    "num_params": engine.num_params}
+        del engine
+    a, b = res["eager"], res["factory"]
+    return {"same_keys": set(a["weights"]) == set(b["weights"]),
+            "same_weights": all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"]),
+            "same_steps": [(s["loss"], s["grad_norm"]) for s in a["steps"]]
+            == [(s["loss"], s["grad_norm"]) for s in b["steps"]],
+            "num_params": (a["num_params"], b["num_params"]),
+            # a fingerprint of the initial weights, compared across world sizes by the test
+            "weights_digest": float(sum(w.double().sum() for w in b["weights"].values()))}
 
 
 def phase_train(info: Any, root: str, variants: list[str], with_ac: bool) -> dict[str, Any]:
@@ -111,6 +142,7 @@ def phase_train(info: Any, root: str, variants: list[str], with_ac: bool) -> dic
     for v in variants:
         r: dict[str, Any] = {}
         out = Path(root) / f"w{info.world_size}" / v
+        r["factory"] = check_factory_build(info, v, out)
         engine = new_engine(make_config(v, out), info)
         r["grad_accum"] = engine.grad_accum
         r["before"] = run_steps(engine, info, K)
@@ -190,6 +222,16 @@ def phase_resume(info: Any, root: str, variants: list[str]) -> dict[str, Any]:
     return results
 
 
+def phase_two_ranks_again(info: Any, root: str, variants: list[str]) -> dict[str, Any]:
+    """B: resume A's checkpoints; then FSDP's 1-rank checkpoint (plain tensors: one process in fp32
+    is not sharded) loaded into 2 ranks."""
+    engine = new_engine(make_config("fsdp", Path(root) / "elastic_up"), info, seed=99)
+    engine.load(Path(root) / "w1" / "fsdp" / "engine")
+    elastic_up = {"weights": engine.full_state_dict(), "after": run_steps(engine, info, M)}
+    del engine
+    return {"resume": phase_resume(info, root, variants), "elastic_up": elastic_up}
+
+
 def phase_elastic(info: Any, root: str, variants: list[str]) -> dict[str, Any]:
     """Second half of C: 1 rank loads the 2-rank checkpoint and continues."""
     results = {}
@@ -204,7 +246,8 @@ def phase_elastic(info: Any, root: str, variants: list[str]) -> dict[str, Any]:
 
 
 def phase_one_rank(info: Any, root: str, variants: list[str]) -> dict[str, Any]:
-    return {"train": phase_train(info, root, variants, with_ac=False), "elastic": phase_elastic(info, root, variants)}
+    return {"train": phase_train(info, root, variants, with_ac=False), "elastic": phase_elastic(info, root, variants),
+            "sharded": new_engine(make_config("fsdp", Path(root) / "probe"), info).sharded}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,8 +261,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = str(tmp_path_factory.mktemp("engines"))
     out: dict[str, Any] = {"root": root}
     out["A"] = run_distributed(phase_train, 2, args=(root, ALL, True), timeout=600)
-    out["B"] = run_distributed(phase_resume, 2, args=(root, ALL), timeout=300)
     out["C"] = run_distributed(phase_one_rank, 1, args=(root, ALL), timeout=600)
+    b = run_distributed(phase_two_ranks_again, 2, args=(root, ALL), timeout=300)
+    out["B"] = [r["resume"] for r in b]
+    out["elastic_up"] = [r["elastic_up"] for r in b]
     out["D"] = run_distributed(phase_resume, 1, args=(root, ALL), timeout=300)
     return out
 
@@ -293,6 +338,33 @@ def test_elastic_two_ranks_to_one(runs: dict[str, Any], variant: str) -> None:
     assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
 
 
+def test_elastic_one_rank_to_two_fsdp(runs: dict[str, Any]) -> None:
+    """World 1 in fp32 keeps FSDP's parameters plain (no sharding hooks); its DCP checkpoint still
+    reshards onto 2 ranks and the run continues like the 1-rank one."""
+    assert runs["C"][0]["sharded"] is False
+    c = runs["C"][0]["train"]["fsdp"]
+    for rank, up in enumerate(runs["elastic_up"]):
+        for k, w in c["consolidated"].items():
+            assert torch.equal(up["weights"][k], w), f"rank {rank}: {k} differs after the elastic load"
+        assert _losses(up["after"], "global_loss") == pytest.approx(_losses(c["after"], "global_loss"),
+                                                                    rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("variant", ALL)
+def test_factory_build_equals_eager_build(runs: dict[str, Any], variant: str) -> None:
+    """Meta-device construction (FSDP2, DeepSpeed ZeRO 0-2) and zero.Init (ZeRO-3): the same
+    run.seed gives the same weights as the eager build, at world 1 and 2, and the same training."""
+    digests = []
+    for world, ranks in ((2, runs["A"]), (1, [runs["C"][0]["train"]])):
+        for rank, r in enumerate(ranks):
+            f = r[variant]["factory"]
+            assert f["same_keys"] and f["same_weights"], f"world {world} rank {rank}: initial weights differ"
+            assert f["same_steps"], f"world {world} rank {rank}: training differs after a factory build"
+            assert f["num_params"][0] == f["num_params"][1] == count_params(tiny_model_config())
+            digests.append(f["weights_digest"])
+    assert len(set(digests)) == 1, f"initial weights depend on the world size: {digests}"
+
+
 @pytest.mark.parametrize("variant", ALL)
 def test_activation_checkpointing_identical(runs: dict[str, Any], variant: str) -> None:
     for rank, r in enumerate(runs["A"]):
@@ -304,7 +376,98 @@ def test_activation_checkpointing_identical(runs: dict[str, Any], variant: str) 
 
 
 # ---------------------------------------------------------------------------------------------
+# Host memory of building a large model through the factory path.
+
+# ~315M parameters (22 blocks of d_model 1024, vocab 32000): 1.26 GB in fp32.
+BIG = dict(vocab_size=32000, max_seq_len=256, d_model=1024, num_heads=16, d_ff=2816, ef_cycles=10, segment_len=128,
+           overlap=32)
+
+
+def _rss_kb() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def build_big_fsdp(info: Any, root: str) -> dict[str, Any]:
+    """Build the BIG model through build_engine's factory path (FSDP2, fp32) and report the peak
+    RSS this process reached while building, above its RSS just before."""
+    import gc
+    import resource
+
+    # The same path once on the tiny model first: one-time costs (lazy imports, FSDP/DTensor setup,
+    # ~80 MB) are not what is measured here.
+    warm = make_config("fsdp", Path(root) / "tiny", global_batch=MICRO * info.world_size)
+    warm_engine = build_engine(warm, lambda: SLAMv1LM(warm.model), info)
+    del warm_engine
+    cfg = make_config("fsdp", Path(root) / "big")
+    cfg.model = ModelConfig(**BIG)
+    cfg.data.seq_len = 256
+    cfg.train.micro_batch_size, cfg.train.global_batch_size = 1, info.world_size
+    gc.collect()
+    before = _rss_kb()
+    with open("/proc/self/clear_refs", "w") as f:  # high-water mark := current RSS (Linux >= 4.0)
+        f.write("5")
+    engine = build_engine(cfg, lambda: SLAMv1LM(cfg.model), info)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in engine.model.parameters())
+    # Two values of this rank's shard against the unsharded definition (initial_values).
+    p = engine.model.get_parameter("final_block.ffn.down.weight")
+    shard = p.to_local()
+    rows = shard.shape[0]
+    offset = info.rank * -(-p.shape[0] // info.world_size) * p.shape[1]
+    expect = engine.model.initial_values("final_block.ffn.down.weight", offset, offset + rows * p.shape[1], cfg.run.seed)
+    return {"before_kb": before, "peak_kb": peak, "local_params": local, "num_params": engine.num_params,
+            "shard_matches": torch.equal(shard.reshape(-1), expect), "sharded": engine.sharded}
+
+
+def test_factory_build_host_memory_stays_under_the_model_size() -> None:
+    """2 ranks build a 315M-parameter (1.26 GB fp32) model through FSDP2's meta-device path: each
+    rank's host RSS grows by its half of the weights plus a few MB of initialisation blocks, never
+    by the whole model (an eager build first holds all 1.26 GB on every rank). Two ranks because at
+    world size 1 on a CPU the rank's shard is the whole model."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="slam_big_") as root:
+        results = run_distributed(build_big_fsdp, 2, args=(root,), timeout=600)
+    fp32_bytes = count_params(ModelConfig(**BIG)) * 4
+    for rank, r in enumerate(results):
+        assert r["sharded"] and r["num_params"] == count_params(ModelConfig(**BIG))
+        assert r["local_params"] * 4 == pytest.approx(fp32_bytes / 2, rel=0.02), rank
+        assert r["shard_matches"], f"rank {rank}: the shard is not the unsharded model's initial values"
+        grown = (r["peak_kb"] - r["before_kb"]) * 1024
+        print(f"rank {rank}: peak RSS grew by {grown / 2**20:.0f} MiB while building "
+              f"({fp32_bytes / 2**20:.0f} MiB fp32 model, {r['local_params'] * 4 / 2**20:.0f} MiB shard)")
+        assert grown < 0.6 * fp32_bytes, f"rank {rank}: building took {grown / 2**20:.0f} MiB of host memory"
+
+
+# ---------------------------------------------------------------------------------------------
 # No process needed.
+
+def test_initial_values_do_not_depend_on_how_a_parameter_is_cut() -> None:
+    """What lets every rank initialise its own shard: any slice [a, b) of a parameter's initial
+    values equals the same slice of the whole, also across the generator's block boundaries."""
+    from slam_pretrain.model.slam_v1 import INIT_BLOCK, fill_flat
+
+    cfg = ModelConfig(vocab_size=4096, max_seq_len=64, d_model=512, num_heads=8, d_ff=256, ef_cycles=1,
+                      segment_len=48, overlap=8)
+    with torch.device("meta"):
+        model = SLAMv1LM(cfg)  # shapes only: initial_values needs no storage
+    name, n = "tok_emb.weight", 4096 * 512  # two generator blocks
+    full = model.initial_values(name, 0, n, seed=3)
+    assert full.std().item() == pytest.approx(cfg.init_std, rel=0.01)
+    for a, b in [(0, 10), (INIT_BLOCK - 5, INIT_BLOCK + 7), (123_457, n), (INIT_BLOCK, INIT_BLOCK + 1)]:
+        assert torch.equal(model.initial_values(name, a, b, seed=3), full[a:b]), (a, b)
+    piece = torch.empty(100)  # a "shard" straddling the block boundary
+    fill_flat(piece, INIT_BLOCK - 50, lambda a, b: model.initial_values(name, a, b, seed=3))
+    assert torch.equal(piece, full[INIT_BLOCK - 50:INIT_BLOCK + 50])
+    with pytest.raises(ValueError, match=r"tok_emb\.weight.*outside its 2097152 elements"):
+        model.initial_values(name, n - 5, n + 5, seed=3)
+    assert not torch.equal(model.initial_values(name, 0, 10, seed=4), full[:10])  # the seed matters
+    qkv = [model.initial_values(f"{b}.attn.qkv.weight", 0, 10, seed=3) for b in ("initial_block", "final_block")]
+    assert not torch.equal(*qkv)  # so does the name: same-shaped parameters start differently
+    resid = model.initial_values("initial_block.ffn.down.weight", 0, 512 * 256, seed=3)
+    assert resid.std().item() == pytest.approx(cfg.init_std / (2 * (cfg.ef_cycles + 2)) ** 0.5, rel=0.02)
+    assert torch.equal(model.initial_values("norm_f.weight", 0, 512, seed=3), torch.ones(512))
 
 def test_grad_accum_must_divide() -> None:
     cfg = Config()

@@ -116,6 +116,6 @@ def losses(out_dir: Path) -> dict[int, float]:
     out = {}
     for line in (out_dir / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
-        if rec.get("split") != "val":
+        if rec.get("split") != "val" and "event" not in rec:  # events: branch, context phase
             out[rec["step"]] = rec["loss"]
     return out

@@ -135,8 +135,12 @@ class CheckpointContents:
         return self.step_dir / "config.yaml"
 
     def model_config(self) -> "ModelConfig":
-        """The validated ``model`` section; a UserError naming config.yaml if it is not valid."""
-        return model_config_from_dict(self.config["model"], str(self.config_path))
+        """The validated ``model`` section as the model was at this step (the RoPE of the context
+        phase in effect when ``train.seq_len_schedule`` is set); a UserError naming config.yaml if
+        it is not valid."""
+        from slam_pretrain.training.context_schedule import model_section_at
+
+        return model_config_from_dict(model_section_at(self.config, self.step), str(self.config_path))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The full weights in fp32, consolidated from whatever shards the engine wrote (slow)."""

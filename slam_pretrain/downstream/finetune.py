@@ -90,6 +90,9 @@ def run_finetune(cfg: Config, init: str, resume: str = "auto") -> int:
     ft, t = cfg.finetune, cfg.train
     if not ft.train_file:
         raise UserError("finetune.train_file is not set: a JSONL file with one {text, label} object per line")
+    if cfg.train.z_loss:  # the z-loss regularises the LM head's logits, which a classifier does not train
+        raise UserError(f"train.z_loss={cfg.train.z_loss} is invalid for finetune: the z-loss applies to the "
+                        f"language-model head's logits; set train.z_loss=0")
     lm, tokenizer, meta = load_model(init)
     cfg.model = lm.config  # the trunk decides the model section
     if ft.max_len > cfg.model.max_seq_len:

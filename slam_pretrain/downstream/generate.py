@@ -67,13 +67,18 @@ Notify = Callable[[str], None]
 
 
 def uses_cache(model: torch.nn.Module, use_cache: bool, notify: Optional[Notify] = None) -> bool:
-    """Whether decoding can use the KV cache (says why not, once, for a fractional layout)."""
+    """Whether decoding can use the KV cache (says why not, once: a fractional layout, or document masking)."""
     cfg = model.config
     if use_cache and not cfg.prefix_consistent:
         if notify:
             notify(f"[generate] recomputing the whole context for every token: model.segment_len="
                    f"{cfg.segment_len!r}/overlap={cfg.overlap!r} are fractions of the sequence length, so the "
                    f"EF layout moves with it and no exact KV cache exists (use token segment lengths for one)")
+        return False
+    if use_cache and getattr(cfg, "doc_masking", False):
+        if notify:
+            notify("[generate] recomputing the whole context for every token: model.doc_masking is on and the "
+                   "KV cache does not apply document masks")
         return False
     return use_cache
 

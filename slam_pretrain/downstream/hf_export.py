@@ -72,6 +72,12 @@ def hf_config_dict(model_config: dict[str, Any]) -> dict[str, Any]:
     """Our ModelConfig as a dict -> SLAMConfig keyword arguments (rope_scaling renamed)."""
     d = dict(model_config)
     d["rope_scaling_factor"] = d.pop("rope_scaling")
+    if d.pop("doc_masking", False):
+        # modeling_slam.py does not mirror document masking: its logits would be another function.
+        raise UserError("model.doc_masking=true: the Hugging Face export does not implement document masking "
+                        "(its model would compute another function); use the safetensors export instead")
+    d.pop("doc_position_reset", None)  # only meaningful with doc_masking
+    d.pop("eos_id", None)  # the tokenizer's EOS id is eos_token_id
     return d
 
 
@@ -160,6 +166,7 @@ def export_hf(checkpoint: PathLike, out: PathLike, notify: Optional[Callable[[st
     out = Path(out)
     _check_out(out)
     model, tokenizer, meta = load_model(checkpoint)
+    hf_config_dict(meta["model_config"])  # refuses what the export cannot mirror, before anything is written
     provenance = {"kind": meta.get("kind"), "source": str(meta.get("source")), "step": meta.get("step")}
     out.parent.mkdir(parents=True, exist_ok=True)
 

@@ -1,7 +1,8 @@
 """Engines: one interface (``Engine``), two implementations chosen by ``engine.name``.
 
-``build_engine(cfg, model, dist)`` wraps a freshly built model; ``consolidated_state_dict`` reads
-any engine's saved state back into full fp32 weights in one process (export, tests).
+``build_engine(cfg, model, dist)`` wraps a freshly built model, or builds one from a factory without
+ever holding the whole model on a rank's host (``ModelSource`` in base.py); ``consolidated_state_dict``
+reads any engine's saved state back into full fp32 weights in one process (export, tests).
 """
 
 from __future__ import annotations
@@ -11,20 +12,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
-from torch import nn
 
-from slam_pretrain.engine.base import Engine, StepResult, grad_accum_steps
+from slam_pretrain.engine.base import Engine, ModelSource, StepResult, grad_accum_steps
 from slam_pretrain.errors import ConfigError, UserError
 
 if TYPE_CHECKING:
     from slam_pretrain.config import Config
     from slam_pretrain.distributed import DistInfo
 
-__all__ = ["Engine", "StepResult", "build_engine", "consolidated_state_dict", "grad_accum_steps"]
+__all__ = ["Engine", "ModelSource", "StepResult", "build_engine", "consolidated_state_dict", "grad_accum_steps"]
 
 
-def build_engine(cfg: "Config", model: nn.Module, dist: "DistInfo") -> Engine:
-    """The engine named by ``cfg.engine.name`` around ``model`` (moved to ``dist.device``)."""
+def build_engine(cfg: "Config", model: ModelSource, dist: "DistInfo") -> Engine:
+    """The engine named by ``cfg.engine.name`` around ``model``: a built module (moved to
+    ``dist.device``), or a factory ``() -> nn.Module`` that the engine builds without the whole
+    model on any rank's host (meta device / ``zero.Init``) and initialises from ``run.seed``
+    (see ``ModelSource`` in base.py)."""
     name = cfg.engine.name
     if name == "deepspeed":
         from slam_pretrain.engine.deepspeed_engine import DeepSpeedEngine

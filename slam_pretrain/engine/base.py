@@ -14,11 +14,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Union
 
 import torch
+from torch import nn
 
 from slam_pretrain.errors import ConfigError
+from slam_pretrain.model.slam_v1 import deferred_init
 
 if TYPE_CHECKING:
     from slam_pretrain.config import Config, TrainConfig
@@ -29,6 +31,30 @@ if TYPE_CHECKING:
 class StepResult:
     grad_norm: float  # global L2 norm before clipping (nan/inf when the step was skipped for it)
     skipped: bool
+
+
+# What an engine is built from: a model already built (eagerly, on the host, initialised from the
+# global seed), or a factory (no arguments) that the engine calls on the meta device or inside
+# DeepSpeed's zero.Init, so that no rank ever holds more than its share of the weights; the engine
+# then initialises them with ``model.init_weights(seed=run.seed)`` (or the same values written
+# straight into ZeRO-3 partitions). Both give the same weights for the same seed, at any world size.
+ModelSource = Union[nn.Module, Callable[[], nn.Module]]
+
+
+def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
+    """``factory()`` on the meta device with initialisation deferred: parameters have shapes only."""
+    with torch.device("meta"), deferred_init():
+        model = factory()
+    check_initialisable(model)
+    return model
+
+
+def check_initialisable(model: nn.Module) -> None:
+    """A model built by the engine must say how it starts (``init_weights(seed)``, ``initial_values``)."""
+    for attr in ("init_weights", "initial_values"):
+        if not callable(getattr(model, attr, None)):
+            raise TypeError(f"{type(model).__name__} has no {attr}(): an engine can only build models that "
+                            "initialise themselves after sharding; pass a built model instead of a factory")
 
 
 def grad_accum_steps(train: "TrainConfig", world_size: int) -> int:
@@ -60,8 +86,10 @@ class Engine(ABC):
         """One micro-batch: forward, backward (gradients accumulate); the detached mean loss."""
 
     @abstractmethod
-    def optimizer_step(self, lr: float) -> StepResult:
-        """After ``grad_accum`` micro-batches: clip, step (or skip everywhere), zero gradients."""
+    def optimizer_step(self, lr: float, hold: bool = False) -> StepResult:
+        """After ``grad_accum`` micro-batches: clip, step (or skip everywhere), zero gradients.
+        ``hold=True`` skips the update as a non-finite step would (``skipped`` True); the caller
+        passes the same value on every rank (the spike monitor decides on the all-reduced loss)."""
 
     @abstractmethod
     def eval_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

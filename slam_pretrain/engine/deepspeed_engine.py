@@ -9,11 +9,15 @@ No JIT-compiled ops: the optimizer is a client ``torch.optim.AdamW`` (not FusedA
 with offload), and on CPU the ``deepspeed_shm_comm`` op is switched off before DeepSpeed builds its
 communication backend. Each workaround of DeepSpeed's behaviour lives in deepspeed_shims.py.
 
-Skipping a bad step on every rank: tensor hooks flag any non-finite gradient contribution during
-backward (before ZeRO reduces or partitions it), ``forward_backward`` flags a non-finite loss, and
-``optimizer_step`` all-reduces the flag. When set, the client AdamW's ``step()`` is held: DeepSpeed
-still runs its step (reduction, clipping, copying the unchanged fp32 master weights back, zeroing
-gradients), so parameters and optimizer state stay bit-for-bit as they were, for ZeRO 0-3 alike.
+Skipping a bad step on every rank, with one finiteness check per step: ``forward_backward`` flags
+a non-finite loss (a device op, no sync) and ``optimizer_step`` all-reduces the flag once (no
+collective on one process). When set, the client AdamW's ``step()`` is held: DeepSpeed still runs
+its step (reduction, clipping, copying the unchanged fp32 master weights back, zeroing gradients),
+so parameters and optimizer state stay bit-for-bit as they were, for ZeRO 0-3 alike. A non-finite
+gradient is caught by the global gradient norm: DeepSpeed's ZeRO 1-3 and bf16 optimizers compute it
+(all-reduced) before updating anything and skip the step themselves when it is not finite; under
+ZeRO-0 we compute it. Only when DeepSpeed's check is switched off (``compute_grad_norm: false``, or
+``bf16.check_grad_overflow: false``) do per-gradient hooks flag it during backward instead.
 Under fp16 an overflowing (scaled) gradient is the dynamic loss scaler's normal event: DeepSpeed
 skips that update and lowers the scale; it is counted in ``loss_scale_skips``, not reported as a
 skipped (bad) step. Only a non-finite loss is.
@@ -46,14 +50,16 @@ from torch import nn
 
 from slam_pretrain.engine.activation_checkpointing import apply_activation_checkpointing
 from slam_pretrain.distributed import all_reduce_any
-from slam_pretrain.engine.base import Engine, StepResult, grad_accum_steps
+from slam_pretrain.engine.base import Engine, StepResult, build_on_meta, check_initialisable, grad_accum_steps
 from slam_pretrain.engine.deepspeed_shims import disable_shm_comm, ds_safe_load, quiet_untested_optimizer_warning
 from slam_pretrain.errors import ConfigError, UserError
 from slam_pretrain.engine.optim import param_groups
+from slam_pretrain.model.slam_v1 import deferred_init, fill_flat
 
 if TYPE_CHECKING:
     from slam_pretrain.config import Config
     from slam_pretrain.distributed import DistInfo
+    from slam_pretrain.engine.base import ModelSource
 
 TAG = "ds"  # DeepSpeed's checkpoint tag: one engine state per step directory
 META_FILE = "slam_engine.json"  # {"zero_stage", "world_size", "precision"}: how the state was saved
@@ -138,6 +144,26 @@ class _GuardedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
+def _grad_check_of(optimizer: Any) -> str:
+    """"deepspeed" when DeepSpeed's optimizer wrapper itself skips a step whose global gradient
+    norm is non-finite (parameters and optimizer state untouched; the norm is all-reduced, so
+    every rank agrees), else "norm" (no ZeRO wrapper: ZeRO-0, whose norm we take ourselves) or
+    "hooks". Checked against deepspeed 0.19.8; tests/test_engines.py injects a NaN on one rank for
+    every stage and checks that every rank skipped with the weights unchanged."""
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if isinstance(optimizer, (DeepSpeedZeroOptimizer_Stage3, BF16_Optimizer)):
+        return "deepspeed"  # both always compute the norm and return early when it is invalid
+    if isinstance(optimizer, DeepSpeedZeroOptimizer):
+        # ZeRO 1/2 skip on an invalid norm unless the norm is switched off
+        # (zero_optimization.compute_grad_norm) or, in bf16, bf16.check_grad_overflow is false.
+        checks = optimizer.compute_grad_norm and (optimizer.dtype != torch.bfloat16 or optimizer.check_grad_overflow)
+        return "deepspeed" if checks else "hooks"
+    return "norm" if isinstance(optimizer, _GuardedAdamW) else "hooks"
+
+
 def read_meta(engine_dir: Path) -> Optional[dict[str, Any]]:
     p = Path(engine_dir) / META_FILE
     return json.loads(p.read_text()) if p.is_file() else None
@@ -146,7 +172,7 @@ def read_meta(engine_dir: Path) -> Optional[dict[str, Any]]:
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
-    def __init__(self, cfg: "Config", model: nn.Module, dist_info: "DistInfo"):
+    def __init__(self, cfg: "Config", model: "ModelSource", dist_info: "DistInfo"):
         super().__init__(cfg, dist_info)
         e, t = cfg.engine, cfg.train
         self.ds_config = deepspeed_config(cfg, dist_info.world_size, dist_info.device.type)
@@ -155,7 +181,9 @@ class DeepSpeedEngine(Engine):
 
         if dist_info.device.type == "cpu":
             disable_shm_comm()
-        self._num_params = sum(p.numel() for p in model.parameters())
+        if not isinstance(model, nn.Module):
+            model = self._build(model, deepspeed)
+        self._num_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ds_numel: ZeRO-3
         apply_activation_checkpointing(model, e.activation_checkpointing)
         if e.compile:
             from slam_pretrain.engine.fsdp_engine import blocks_of
@@ -170,14 +198,45 @@ class DeepSpeedEngine(Engine):
         # Per-group hyper-parameters (weight decay differs between the groups), re-applied after a
         # universal load (see load()).
         self._group_hparams = [{k: v for k, v in g.items() if k != "params"} for g in self._optimizer.param_groups]
-        # Non-finite gradient seen on this rank during this step's backward passes (see module doc).
-        # Not under fp16: there scaled gradients overflow by design and DeepSpeed's loss scaler
-        # skips the step and lowers the scale itself (counted in loss_scale_skips, not "skipped").
-        self._grad_sums: list[torch.Tensor] = []  # one fp32 scalar per gradient contribution
+        # How a non-finite gradient is caught (see the module doc): "deepspeed" (its optimizer
+        # skips the step on a non-finite global norm by itself), "norm" (ZeRO-0: the norm we take
+        # of the all-reduced gradients), "hooks" (a reduction per gradient during backward: only
+        # when DeepSpeed's check is switched off), "none" under fp16, where scaled gradients
+        # overflow by design and DeepSpeed's loss scaler skips the step and lowers the scale itself
+        # (counted in loss_scale_skips, not "skipped").
         self._fp16 = e.precision == "fp16"
+        self.grad_check = "none" if self._fp16 else _grad_check_of(self.ds.optimizer)
+        self._grad_sums: list[torch.Tensor] = []  # "hooks": one fp32 scalar per gradient contribution
         self.loss_scale_skips = 0
-        self._hooks = [] if self._fp16 else [p.register_hook(self._flag_grad)
-                                             for p in self.model.parameters() if p.requires_grad]
+        self._hooks = [p.register_hook(self._flag_grad) for p in self.model.parameters()
+                       if p.requires_grad] if self.grad_check == "hooks" else []
+
+    def _build(self, factory: Any, deepspeed: Any) -> nn.Module:
+        """The model from ``factory``, never whole on the host: ZeRO-3 builds it inside
+        ``zero.Init`` (each parameter is partitioned as soon as its module exists) and writes each
+        rank's flat partition from ``initial_values``; ZeRO 0-2 keep full replicas anyway, so the
+        model is built on meta and materialised directly on the device. Same seed, same weights as
+        an eager build, at any world size."""
+        seed = self.cfg.run.seed
+        if self.cfg.engine.zero_stage != 3:
+            model = build_on_meta(factory)
+            model.to_empty(device=self.device)
+            model.init_weights(seed=seed)
+            return model
+        from deepspeed import comm
+
+        with deepspeed.zero.Init(config_dict_or_path=self.ds_config, mem_efficient_linear=False), deferred_init():
+            model = factory()
+        check_initialisable(model)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                part = p.ds_tensor  # this rank's slice [r * n, (r + 1) * n) of the flat parameter, zero-padded
+                start = min(part.ds_numel * comm.get_rank(group=p.ds_process_group), p.ds_numel)
+                length = min(part.ds_numel, p.ds_numel - start)
+                part.zero_()
+                fill_flat(part.narrow(0, 0, length), start,
+                          lambda a, b, name=name: model.initial_values(name, a, b, seed))
+        return model
 
     def _flag_grad(self, g: torch.Tensor) -> None:
         # One reduction kernel per gradient; a sum propagates nan/inf (it only adds absurd |sum| > 3e38).
@@ -200,13 +259,17 @@ class DeepSpeedEngine(Engine):
             self.ds.step()  # not a boundary: only advances DeepSpeed's micro-step counter
         return self._end_micro(loss)
 
-    def optimizer_step(self, lr: float) -> StepResult:
+    def optimizer_step(self, lr: float, hold: bool = False) -> StepResult:
         self._check_boundary()
-        skip = all_reduce_any(self._loss_bad | self._local_grad_bad())
+        bad = self._loss_bad | self._local_grad_bad()
         own_norm: Optional[float] = None
         if self.cfg.engine.zero_stage == 0:  # ZeRO-0 fp32 does not record the norm; grads are all-reduced here
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            own_norm = float(torch.nn.utils.get_total_norm(grads, foreach=True).item()) if grads else 0.0
+            norm_t = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros((), device=self.device)
+            if self.grad_check == "norm":  # the same on every rank (all-reduced gradients)
+                bad = bad | ~torch.isfinite(norm_t)
+            own_norm = float(norm_t.item())
+        skip = all_reduce_any(bad) or hold  # one flag per step; no collective at all on one process
         for group in self._optimizer.param_groups:
             group["lr"] = lr
         self._optimizer.hold = skip
@@ -216,6 +279,8 @@ class DeepSpeedEngine(Engine):
             self._optimizer.hold = False
         norm = self.ds.get_global_grad_norm()
         grad_norm = float(norm) if norm is not None else (own_norm if own_norm is not None else float("nan"))
+        if grad_norm < 0:  # DeepSpeed's "invalid norm" sentinel (-1)
+            grad_norm = float("nan")
         ds_skipped = not self.ds.was_step_applied()  # DeepSpeed's own overflow check (global)
         if self._fp16 and ds_skipped and not skip:
             self.loss_scale_skips += 1

@@ -1,10 +1,13 @@
 """FSDP2 engine: ``fully_shard`` per block and at the root, torch AdamW, Distributed Checkpoint.
 
-Order of wrapping (torchtitan's): activation checkpointing -> ``torch.compile`` per block ->
-``fully_shard`` on initial_block, every ef_blocks_A[i] / ef_blocks_B[i], final_block, then the root
-(embedding, final norm and the tied LM head live in the root's group). Parameters are sharded
-fp32; ``MixedPrecisionPolicy`` casts them to ``engine.precision`` for compute and reduces gradients
-in fp32. fp16 is refused (it would need a sharded grad scaler); use bf16.
+Order (torchtitan's): build (on the meta device when given a factory) -> activation checkpointing
+-> ``torch.compile`` per block -> ``fully_shard`` on initial_block, every ef_blocks_A[i] /
+ef_blocks_B[i], final_block, then the root (embedding, final norm and the tied LM head live in the
+root's group) -> ``to_empty(device)`` + ``init_weights(run.seed)`` (meta builds only: each rank
+allocates and fills its own shard). Parameters are sharded fp32 (the master weights);
+``MixedPrecisionPolicy`` casts them to ``engine.precision`` for compute and reduces gradients in
+fp32. fp16 is refused (it would need a sharded grad scaler); use bf16. One process in fp32 is not
+sharded at all (see ``FSDPEngine.__init__``).
 
 Checkpoints are DCP directories holding {"model": ..., "optim": ...} as sharded state dicts
 keyed by parameter names, so ``load`` reshards to any world size.
@@ -26,13 +29,16 @@ from torch.distributed.tensor import DTensor
 
 from slam_pretrain.engine.activation_checkpointing import apply_activation_checkpointing
 from slam_pretrain.distributed import all_reduce_any
-from slam_pretrain.engine.base import Engine, StepResult
+from slam_pretrain.engine.base import Engine, StepResult, build_on_meta
 from slam_pretrain.errors import ConfigError, UserError
 from slam_pretrain.engine.optim import build_optimizer
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from slam_pretrain.config import Config
     from slam_pretrain.distributed import DistInfo
+    from slam_pretrain.engine.base import ModelSource
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -45,23 +51,39 @@ def blocks_of(model: nn.Module) -> list[nn.Module]:
 class FSDPEngine(Engine):
     name = "fsdp"
 
-    def __init__(self, cfg: "Config", model: nn.Module, dist_info: "DistInfo"):
+    def __init__(self, cfg: "Config", model: "ModelSource", dist_info: "DistInfo"):
         super().__init__(cfg, dist_info)
         e = cfg.engine
         if e.precision not in _DTYPES:
             raise ConfigError(f"engine.precision={e.precision!r} is invalid with engine.name='fsdp': use 'bf16' "
                               f"or 'fp32' (fp16 needs a loss scaler; engine.name='deepspeed' has one)")
+        on_meta = not isinstance(model, nn.Module)
+        if on_meta:  # a factory: shapes only until each rank materialises its own shard
+            model = build_on_meta(model)
+        else:
+            model.to(self.device)
         self._num_params = sum(p.numel() for p in model.parameters())
-        model.to(self.device)
         apply_activation_checkpointing(model, e.activation_checkpointing)
         if e.compile:
             for block in blocks_of(model):
                 block.compile()  # in place: state-dict keys stay the same
-        mesh = init_device_mesh(self.device.type, (dist_info.world_size,))
-        mp = MixedPrecisionPolicy(param_dtype=_DTYPES[e.precision], reduce_dtype=torch.float32)
-        for block in blocks_of(model):
-            fully_shard(block, mesh=mesh, mp_policy=mp)
-        fully_shard(model, mesh=mesh, mp_policy=mp)
+        # One process in fp32: sharding would be all cost (an all-gather and a reduce-scatter per
+        # block and micro-batch that copy, DTensor dispatch in every optimizer op) and no gain, so
+        # the model stays plain. The checkpoint is the same DCP layout (plain tensors are saved whole
+        # under the same keys), so it reshards to any world size. bf16 keeps fully_shard for its
+        # MixedPrecisionPolicy (bf16 compute copies of fp32 parameters, fp32 gradient reduction).
+        self.sharded = dist_info.world_size > 1 or _DTYPES[e.precision] is not None
+        if self.sharded:
+            mesh = init_device_mesh(self.device.type, (dist_info.world_size,))
+            mp = MixedPrecisionPolicy(param_dtype=_DTYPES[e.precision], reduce_dtype=torch.float32)
+            for block in blocks_of(model):
+                fully_shard(block, mesh=mesh, mp_policy=mp)
+            fully_shard(model, mesh=mesh, mp_policy=mp)
+        if on_meta:
+            # Allocate this rank's shards on the device (never the whole model on the host), then
+            # fill them: the values depend on run.seed and the parameter names only.
+            model.to_empty(device=self.device)
+            model.init_weights(seed=cfg.run.seed)
         self.model = model
         self.optimizer = build_optimizer(model, cfg.train)
 
@@ -73,7 +95,7 @@ class FSDPEngine(Engine):
         (loss / self.grad_accum).backward()
         return self._end_micro(loss)
 
-    def optimizer_step(self, lr: float) -> StepResult:
+    def optimizer_step(self, lr: float, hold: bool = False) -> StepResult:
         self._check_boundary()
         params = [p for p in self.model.parameters() if p.grad is not None]
         grads = [p.grad for p in params]
@@ -81,7 +103,7 @@ class FSDPEngine(Engine):
         if isinstance(norm, DTensor):  # partial per-shard norms -> the global norm (a collective)
             norm = norm.full_tensor()
         # The norm is already global; the loss flag is per rank, so reduce (bad loss OR bad norm).
-        skipped = all_reduce_any(self._loss_bad | ~torch.isfinite(norm))
+        skipped = all_reduce_any(self._loss_bad | ~torch.isfinite(norm)) or hold  # collective first: every rank
         grad_norm = float(norm.item())
         if not skipped:
             if self.cfg.train.grad_clip > 0:
@@ -112,6 +134,52 @@ class FSDPEngine(Engine):
     def save(self, dir: Path) -> None:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(dir))
+
+    def save_async(self, dir: Path) -> "Future":
+        """``save`` that returns at once: the Future resolves when this rank's files are written and
+        fsynced (on rank 0, once every rank's and ``.metadata`` are).
+
+        The state is copied first (DCP's stager: fresh CPU memory, pinned and reused across saves
+        on CUDA) so later steps cannot change what is written. The copy runs on the stager's thread
+        while the next step's forward and backward run, which only read the weights; the optimizer
+        step, the first thing that writes them, waits for it (a one-shot step pre-hook). DCP's
+        background thread then writes the copy.
+        """
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        if getattr(self, "_ckpt_group", None) is None:
+            # The background thread runs collectives (the save plan, the final gather); on the
+            # default group they would interleave with the training step's collectives in another
+            # order on each rank. A group of their own keeps them apart; gloo, as async save needs
+            # a CPU backend (also when training runs on NCCL). Made at the first async save, which
+            # every rank reaches at the same step.
+            self._ckpt_group = dist.new_group(backend="gloo")
+            cuda = self.device.type == "cuda"
+            # One stager for the run: it keeps its buffers, so each save copies into the same memory
+            # (CheckpointManager never starts a save before the previous one is written).
+            self._ckpt_stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                                             use_async_staging=True, use_non_blocking_copy=cuda))
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        if self.device.type == "cuda":
+            # The stager copies on a stream of its own, which does not wait for the compute stream:
+            # the last optimizer step's kernels must be done first (the trainer's loss .item() has
+            # usually waited for them already, so this costs nothing).
+            torch.cuda.current_stream(self.device).synchronize()
+        response = dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(dir),
+                                  process_group=self._ckpt_group, async_stager=self._ckpt_stager)
+        staged = response.staging_completion
+        hook: list = []
+
+        def before_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+            hook.pop().remove()
+            try:
+                staged.result()
+            except BaseException:  # noqa: BLE001 - the write's Future carries it to CheckpointManager.wait
+                pass
+
+        hook.append(self.optimizer.register_step_pre_hook(before_step))
+        return response.upload_completion
 
     def load(self, dir: Path) -> None:
         if not (Path(dir) / ".metadata").is_file():

@@ -45,7 +45,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     for _, p in model.named_parameters():  # named_parameters() already skips tied duplicates
         if not p.requires_grad:
             continue
-        if p.dim() < 2 or id(p) in embedding_ids:
+        # ds_shape: a parameter partitioned by zero.Init holds an empty tensor in place of its shape.
+        if len(getattr(p, "ds_shape", p.shape)) < 2 or id(p) in embedding_ids:
             no_decay.append(p)
         else:
             decay.append(p)
@@ -54,9 +55,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def build_optimizer(model: nn.Module, train: "TrainConfig") -> torch.optim.AdamW:
-    """torch AdamW over ``param_groups`` (no fused/JIT kernels: the same code on CPU and GPU)."""
+    """torch AdamW over ``param_groups`` (no fused/JIT kernels: the same code on CPU and GPU).
+
+    ``foreach=True``: one multi-tensor kernel per update stage instead of a Python loop over the
+    parameters (torch picks foreach by itself only for CUDA tensors; on CPU it would loop).
+    """
     return torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.lr,
-                             betas=(train.beta1, train.beta2), eps=train.eps)
+                             betas=(train.beta1, train.beta2), eps=train.eps, foreach=True)
 
 
 def lr_at(step: int, train: "TrainConfig") -> float:

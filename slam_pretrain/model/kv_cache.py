@@ -73,6 +73,11 @@ def prefill(model: SLAMv1LM, prompts: list[list[int]], capacity: int) -> tuple[t
     if not cfg.prefix_consistent:
         raise UserError(f"model.segment_len={cfg.segment_len!r} is a fraction of the sequence length: the EF "
                         f"layout moves with N, so there is no exact KV cache (recompute instead)")
+    if cfg.doc_masking:
+        # The cache does not track documents (an EOS fed while decoding would have to hide every
+        # cached position before it); the full forward (recompute) applies document masking exactly.
+        raise UserError("model.doc_masking=true: the KV cache does not apply document masking; "
+                        "generate with --no-cache (recompute), which does")
     lengths = [len(p) for p in prompts]
     if min(lengths) < 1 or max(lengths) > capacity or capacity > cfg.max_seq_len:
         raise ValueError(f"prompt lengths {min(lengths)}..{max(lengths)} and capacity {capacity} must satisfy "

@@ -21,10 +21,13 @@ Choices the spec leaves open (also in docs/DESIGN.md terms):
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import hashlib
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional, Union
+from typing import Callable, Iterator, Literal, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -55,13 +58,32 @@ class ModelConfig:
     ffn: Literal["swiglu", "gelu"] = "swiglu"
     pos_encoding: Literal["rope", "learned"] = "rope"
     rope_theta: float = 10000.0
-    rope_scaling: float = 1.0  # linear position interpolation factor for context extension
+    rope_scaling: float = 1.0  # the context-extension factor s of rope_scaling_type (1 = none)
+    # How rope_scaling extends the context: "linear" position interpolation (positions / s, Chen et
+    # al. 2023) or "yarn" (Peng et al. 2023: only the pairs that turn too few times over the
+    # original context are interpolated, and q, k are scaled by an attention temperature).
+    rope_scaling_type: Literal["linear", "yarn"] = "linear"
+    rope_original_max_len: Optional[int] = None  # yarn: the context length trained at before extension
+    rope_yarn_beta_fast: float = 32.0  # yarn: pairs turning > beta_fast times over it keep their frequency
+    rope_yarn_beta_slow: float = 1.0  # yarn: pairs turning < beta_slow times are fully interpolated
+    rope_yarn_attn_factor: Optional[float] = None  # yarn: q and k scale sqrt(1/t); None = 0.1 ln(s) + 1
     tie_embeddings: bool = True
     init_std: float = 0.02
     norm_eps: float = 1e-5
+    # QK-norm (a stability switch of long-context recipes): RMSNorm over head_dim of every head's
+    # query and key, before RoPE, so attention logits cannot grow with the q/k weights' scale.
+    qk_norm: bool = False
     # EF segment layout revision (spec revision 2: K = ceil(N / T), prefix-consistent). Recorded in
     # every checkpoint and export; a checkpoint without it predates revision 2 (see validate).
     layout_revision: int = 2
+    # Document masking: every attention (the full blocks and each EF segment) sees only its own
+    # document. Documents are read off the tokens: `prepare` appends eos_id to every document, so a
+    # document is a run of tokens ending with EOS (the EOS belongs to the document it ends; a row's
+    # first tokens, continuing a document of the previous row, are a document of their own). No
+    # document ids in the shards, no format change. The EF segment layout stays global (kT).
+    doc_masking: bool = False
+    doc_position_reset: bool = False  # positions restart at 0 in every document (needs doc_masking)
+    eos_id: int = 3  # the EOS id ending documents (3 in tokenizers prepare trains; manifest tokenizer.eos_id)
 
     @property
     def kv_heads(self) -> int:
@@ -108,6 +130,13 @@ class ModelConfig:
         if self.rope_theta <= 0 or self.rope_scaling <= 0:
             key = "rope_theta" if self.rope_theta <= 0 else "rope_scaling"
             raise bad(key, getattr(self, key), "must be positive")
+        self._validate_yarn(bad)
+        if self.doc_position_reset and not self.doc_masking:
+            raise bad("doc_position_reset", True, "needs model.doc_masking=true (positions restarting in a document "
+                      "that attends across documents would repeat positions in one context)")
+        if self.doc_masking and not 0 <= self.eos_id < self.vocab_size:
+            raise bad("eos_id", self.eos_id, f"model.doc_masking=true needs the tokenizer's EOS id, in [0, "
+                      f"vocab_size={self.vocab_size}) (the dataset manifest's tokenizer.eos_id)")
         if self.init_std <= 0 or self.norm_eps <= 0:
             key = "init_std" if self.init_std <= 0 else "norm_eps"
             raise bad(key, getattr(self, key), "must be positive")
@@ -134,6 +163,30 @@ class ModelConfig:
                       f"(K = ceil((N - O)/T)) compute another function under revision {LAYOUT_REVISION} "
                       f"(K = ceil(N/T)); retrain, or fine-tune under revision {LAYOUT_REVISION} and set "
                       f"model.layout_revision={LAYOUT_REVISION} knowingly")
+
+    def _validate_yarn(self, bad: Callable[[str, object, str], ConfigError]) -> None:
+        if self.rope_scaling_type != "yarn":
+            return
+        if self.rope_scaling < 1:
+            raise bad("rope_scaling", self.rope_scaling, "must be >= 1 with rope_scaling_type='yarn' (it extends "
+                      "the context; use 'linear' to compress positions)")
+        if not isinstance(self.rope_original_max_len, int) or self.rope_original_max_len <= 0:
+            raise bad("rope_original_max_len", self.rope_original_max_len, "rope_scaling_type='yarn' needs the "
+                      "context length the model was trained at before extension, a positive number of tokens")
+        if not 0 < self.rope_yarn_beta_slow < self.rope_yarn_beta_fast:
+            raise bad("rope_yarn_beta_slow", self.rope_yarn_beta_slow,
+                      f"must satisfy 0 < rope_yarn_beta_slow < rope_yarn_beta_fast={self.rope_yarn_beta_fast}")
+        if self.rope_yarn_attn_factor is not None and self.rope_yarn_attn_factor <= 0:
+            raise bad("rope_yarn_attn_factor", self.rope_yarn_attn_factor, "must be positive or null (0.1 ln(s) + 1)")
+
+    @property
+    def rope_key(self) -> tuple:
+        """Everything the RoPE factors depend on besides the positions: a model drops its cached EF
+        plans when it changes, so new RoPE settings on a live model (a context-extension phase)
+        never reuse factors computed for the old ones."""
+        return (self.pos_encoding, self.head_dim, self.rope_theta, self.rope_scaling, self.rope_scaling_type,
+                self.rope_original_max_len, self.rope_yarn_beta_fast, self.rope_yarn_beta_slow,
+                self.rope_yarn_attn_factor)
 
     def segment_layout(self, n: int) -> tuple[int, int]:
         """(S, O) in tokens for sequence length ``n``.
@@ -168,13 +221,45 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
 
 
+def yarn_inv_freq(inv_freq: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """YaRN's per-pair frequencies and q/k scale (Peng et al. 2023, "NTK-by-parts" + temperature),
+    computed as the authors' reference code (and transformers' ``rope_type: yarn``) does.
+
+    Pair j of frequency w_j turns r_j = L0 w_j / 2pi times over the original context L0. Pairs with
+    r_j > beta_fast (high frequencies: local order) keep w_j, pairs with r_j < beta_slow are
+    interpolated to w_j / s, and a linear ramp over the pair index lies between (its ends rounded
+    out to whole pairs). The magnitude ``mscale`` multiplies q and k, so logits scale by mscale^2
+    = 1/t with sqrt(1/t) = 0.1 ln(s) + 1 unless ``rope_yarn_attn_factor`` sets it.
+    """
+    s, hd, l0, base = cfg.rope_scaling, cfg.head_dim, cfg.rope_original_max_len, cfg.rope_theta
+    mscale = cfg.rope_yarn_attn_factor if cfg.rope_yarn_attn_factor is not None else (
+        0.1 * math.log(s) + 1.0 if s > 1 else 1.0)
+    if s == 1:  # interpolation = extrapolation: exactly plain RoPE (no rounding through the ramp)
+        return inv_freq, mscale
+
+    def pair(turns: float) -> float:  # the pair index whose wavelength fits ``turns`` times into L0
+        return hd * math.log(l0 / (turns * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = max(math.floor(pair(cfg.rope_yarn_beta_fast)), 0), min(math.ceil(pair(cfg.rope_yarn_beta_slow)), hd - 1)
+    if low == high:
+        high += 0.001  # one-pair ramp: a step, without dividing by zero
+    ramp = ((torch.arange(hd // 2, dtype=torch.float32, device=inv_freq.device) - low) / (high - low)).clamp(0, 1)
+    return inv_freq / s * ramp + inv_freq * (1 - ramp), mscale
+
+
 def rope_freqs(positions: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     """exp(i * position * theta^(-2j/hd)), complex64 [*positions.shape, head_dim/2] (Su et al. 2021).
 
-    ``rope_scaling`` > 1 is linear position interpolation (Chen et al. 2023): positions / factor.
+    ``rope_scaling`` s > 1 extends the context: ``rope_scaling_type`` "linear" is position
+    interpolation (Chen et al. 2023), positions / s; "yarn" changes the frequencies per pair and
+    the factors' magnitude (``yarn_inv_freq``). s = 1 is plain RoPE for both.
     """
     hd = cfg.head_dim
     inv_freq = cfg.rope_theta ** (-torch.arange(0, hd, 2, device=positions.device, dtype=torch.float32) / hd)
+    if cfg.rope_scaling_type == "yarn":
+        inv_freq, mscale = yarn_inv_freq(inv_freq, cfg)
+        angles = positions.to(torch.float32)[..., None] * inv_freq  # [..., hd/2]
+        return torch.polar(torch.full_like(angles, mscale), angles)
     angles = (positions.to(torch.float32) / cfg.rope_scaling)[..., None] * inv_freq  # [..., hd/2]
     return torch.polar(torch.ones_like(angles), angles)
 
@@ -215,25 +300,36 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(self.n_heads * self.hd, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
+        # QK-norm per head (Qwen3, Gemma 3; OLMo-2 normalises the whole H*hd projection instead):
+        # one weight [hd] shared by the heads. RMSNorm whatever ``cfg.norm`` is: the aim is to bound
+        # |q|, |k| and so the attention logits; a LayerNorm's centring and bias would only move the
+        # vectors RoPE rotates. None when off: no parameters, the forward unchanged bit for bit.
+        self.q_norm = nn.RMSNorm(self.hd, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(self.hd, eps=cfg.norm_eps) if cfg.qk_norm else None
 
     def project(self, x: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [b, L, D] -> q [b, H, L, hd], k and v [b, Hkv, L, hd], RoPE applied."""
+        """x [b, L, D] -> q [b, H, L, hd], k and v [b, Hkv, L, hd], QK-norm (if on) and RoPE applied."""
         b, L, d = x.shape
         q, k, v = self.qkv(x).split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
         q = q.view(b, L, self.n_heads, self.hd).transpose(1, 2)  # [b, H, L, hd]
         k = k.view(b, L, self.n_kv, self.hd).transpose(1, 2)  # [b, Hkv, L, hd]
         v = v.view(b, L, self.n_kv, self.hd).transpose(1, 2)  # [b, Hkv, L, hd]
+        if self.q_norm is not None:  # before RoPE: the rotation keeps the norm, so |q|, |k| stay bounded
+            q, k = self.q_norm(q), self.k_norm(k)  # over hd, per head and position
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         return q, k, v
 
-    def forward(self, x: torch.Tensor, rope: Rope, kv: Optional[KVSlot] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope, kv: Optional[KVSlot] = None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``mask`` [b, 1, L, L] bool (True = may attend): document masking's causal same-document
+        mask; None is plain causal attention (is_causal: the flash / fused kernels)."""
         b, L, d = x.shape  # [b, L, D]
         q, k, v = self.project(x, rope)
         gqa = self.n_kv != self.n_heads
         if kv is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                               is_causal=True, enable_gqa=gqa)  # [b, H, L, hd]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                                               is_causal=mask is None, enable_gqa=gqa)  # [b, H, L, hd]
         else:  # one new token per row (L = 1): store its k/v, attend to the row's valid slots
             rows = torch.arange(b, device=x.device)
             kv.k[rows, :, kv.index] = k[:, :, 0]
@@ -274,11 +370,12 @@ class EncoderBlock(nn.Module):
         self.norm1, self.attn = make_norm(cfg), CausalSelfAttention(cfg)
         self.norm2, self.ffn = make_norm(cfg), FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, rope: Rope = None, kv: Optional[KVSlot] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope = None, kv: Optional[KVSlot] = None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.pre_norm:
-            x = x + self.attn(self.norm1(x), rope, kv)
+            x = x + self.attn(self.norm1(x), rope, kv, mask)
             return x + self.ffn(self.norm2(x))
-        x = self.norm1(x + self.attn(x, rope, kv))
+        x = self.norm1(x + self.attn(x, rope, kv, mask))
         return self.norm2(x + self.ffn(x))
 
     def keys_values(self, x: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
@@ -353,11 +450,144 @@ def _fit(x: torch.Tensor, length: int) -> torch.Tensor:
     return x[:, :length] if x.shape[1] >= length else F.pad(x, (0, 0, 0, length - x.shape[1]))
 
 
+def segment_batches(h: torch.Tensor, plan: EFPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """h [B, N, C] -> the EF cycle's batches: even segments [B*K_even, P, C], odd ones [B*K_odd, P, C].
+    A pad, a view and a slice (see EFPlan), no gather; padding slots hold zeros."""
+    b, _, c = h.shape
+    t, p, ke, ko = plan.stride, plan.pad, plan.k_even, plan.k_odd
+    hp = _fit(h, max(ke, ko + 1) * 2 * t)  # [B, span, C]
+    even = hp[:, :ke * 2 * t].view(b, ke, 2 * t, c)[:, :, :p].reshape(b * ke, p, c)
+    odd = hp[:, t:t + ko * 2 * t].view(b, ko, 2 * t, c)[:, :, :p].reshape(b * ko, p, c)
+    return even, odd
+
+
+# ---------------------------------------------------------------------------------------------
+# Document masking (model.doc_masking): masks and positions, built once per forward from the tokens.
+
+def document_ids(tokens: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """tokens [B, N] -> (doc [B, N], pos [B, N]): each token's document index in its row and its
+    position inside that document.
+
+    A document ends with its EOS, so doc[p] counts the EOS strictly before p; the tokens before a
+    row's first EOS (the tail of a document begun in an earlier row) are document 0, on their own.
+    """
+    eos = tokens == eos_id  # [B, N]
+    doc = eos.long().cumsum(1) - eos.long()  # [B, N]: EOS strictly before p
+    idx = torch.arange(tokens.shape[1], device=tokens.device)
+    starts = F.pad(eos[:, :-1], (1, 0), value=True)  # [B, N]: a document starts at 0 and after each EOS
+    start = torch.where(starts, idx, 0).cummax(1).values  # [B, N]: its document's first position
+    return doc, idx - start
+
+
+def same_document_causal(doc: torch.Tensor) -> torch.Tensor:
+    """doc [b, L] (non-decreasing) -> [b, 1, L, L] bool: query i may attend key j <= i of its document."""
+    n = doc.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=doc.device).tril()  # [L, L]
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+
+
+@dataclass
+class DocMasks:
+    """What document masking changes in one forward pass (the EFPlan's RoPE otherwise).
+
+    Boolean masks are small where SLAM does most of its attention: per EF segment they are
+    [P, P] (P <= S), slices of the row's document ids cut like the segments; only the full blocks'
+    mask is [N, N]. The diagonal is always allowed, so no row is fully masked (padding slots
+    included: their outputs are never read).
+    """
+
+    full: torch.Tensor  # [B, 1, N, N] bool, for the initial and final blocks
+    even: torch.Tensor  # [B*K_even, 1, P, P] bool, one per even segment
+    odd: torch.Tensor  # [B*K_odd, 1, P, P] bool
+    pos: Optional[torch.Tensor]  # [B, N] positions restarting per document (doc_position_reset), else None
+    rope_full: Rope  # [B, 1, N, hd/2]: each row's own factors when positions restart; else plan.rope_full
+    rope_even: Rope  # [B*K_even, 1, P, hd/2], or plan.rope_even
+    rope_odd: Rope  # [B*K_odd, 1, P, hd/2], or plan.rope_odd
+
+
+def build_doc_masks(cfg: ModelConfig, plan: EFPlan, tokens: torch.Tensor) -> DocMasks:
+    """The DocMasks of ``tokens`` [B, N] under cfg.doc_masking (and cfg.doc_position_reset)."""
+    doc, pos = document_ids(tokens, cfg.eos_id)
+    if plan.k_odd == 0:  # one segment holds the sequence (P = N): it is the full blocks' mask
+        even = odd = full = same_document_causal(doc)
+    else:
+        full = same_document_causal(doc)
+        doc_even, doc_odd = segment_batches(doc[:, :, None], plan)  # [B*K, P, 1]: slices of doc
+        even, odd = same_document_causal(doc_even[..., 0]), same_document_causal(doc_odd[..., 0])
+    masks = DocMasks(full, even, odd, None, plan.rope_full, plan.rope_even, plan.rope_odd)
+    if cfg.doc_position_reset:
+        masks.pos = pos
+        if cfg.pos_encoding == "rope":  # per-token factors: each row has its own positions
+            masks.rope_full = rope_freqs(pos, cfg)[:, None]  # [B, 1, N, hd/2]
+            if plan.k_odd:
+                pos_even, pos_odd = segment_batches(pos[:, :, None], plan)  # [B*K, P, 1]
+                masks.rope_even, masks.rope_odd = (rope_freqs(q[..., 0], cfg)[:, None] for q in (pos_even, pos_odd))
+    return masks
+
+
 # ---------------------------------------------------------------------------------------------
 # The model.
 
 Wrapper = Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor], torch.Tensor]
 PLAN_CACHE_SIZE = 8  # EF plans kept (LRU): generation and eval see many lengths, training one
+INIT_BLOCK = 1 << 20  # elements per independently seeded block of a parameter's initial values
+_TRUNK_PREFIXES = ("tok_emb.", "pos_emb.", "initial_block.", "ef_blocks_A.", "ef_blocks_B.", "final_block.",
+                   "norm_f.", "lm_head.")  # SLAMv1LM's own submodules (init_weights covers these)
+_DEFERRED_INIT: contextvars.ContextVar[bool] = contextvars.ContextVar("slam_deferred_init", default=False)
+
+
+@contextlib.contextmanager
+def deferred_init() -> Iterator[None]:
+    """Models built inside skip ``init_weights`` in their constructor: the caller initialises them
+    after sharding (meta-device construction, DeepSpeed ``zero.Init``), when the parameters hold
+    no values yet or only this rank's partition."""
+    token = _DEFERRED_INIT.set(True)
+    try:
+        yield
+    finally:
+        _DEFERRED_INIT.reset(token)
+
+
+def _block_generator(seed: int, name: str, block: int) -> torch.Generator:
+    # A stable hash (not Python's hash(), which is salted per process) of what identifies the block.
+    digest = hashlib.blake2b(f"{seed}/{name}/{block}".encode(), digest_size=8).digest()
+    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest, "little"))
+
+
+def fill_flat(flat: torch.Tensor, start: int, values: Callable[[int, int], torch.Tensor]) -> None:
+    """Fill the 1-D ``flat`` (elements [start, start + len) of a parameter's flattened full tensor)
+    with ``values(a, b)``, in pieces aligned to the generator blocks: each block is drawn once and
+    no full-size temporary exists."""
+    pos, end = start, start + flat.numel()
+    while pos < end:
+        nxt = min((pos // INIT_BLOCK + 1) * INIT_BLOCK, end)
+        flat[pos - start:nxt - start].copy_(values(pos, nxt))
+        pos = nxt
+
+
+def write_initial(p: torch.Tensor, values: Callable[[int, int], torch.Tensor]) -> None:
+    """Fill parameter ``p`` with the flat elements ``values(start, end)`` of its full tensor.
+    ``p`` may be plain (any device; meta is skipped: nothing to write) or an FSDP2 DTensor sharded
+    by rows on a 1-D mesh, whose local rows are one contiguous flat range of the full tensor (no
+    communication: every rank computes its own rows)."""
+    if p.is_meta:
+        return
+    start, local = 0, p
+    if hasattr(p, "placements"):  # a DTensor: this rank's shard
+        from torch.distributed.tensor import Replicate, Shard
+
+        local = p.to_local()
+        if p.device_mesh.ndim != 1 or not isinstance(p.placements[0], (Shard, Replicate)) or (
+                isinstance(p.placements[0], Shard) and p.placements[0].dim != 0):
+            raise NotImplementedError(f"init_weights: placements {p.placements} on a {p.device_mesh.ndim}-D mesh "
+                                      "(only row sharding on a 1-D mesh is supported)")
+        if isinstance(p.placements[0], Shard):
+            rows, offset = Shard.local_shard_size_and_offset(p.shape[0], p.device_mesh.size(),
+                                                             p.device_mesh.get_local_rank())
+            if rows != local.shape[0]:
+                raise RuntimeError(f"unexpected local shard of {tuple(p.shape)}: {tuple(local.shape)}")
+            start = offset * (p.numel() // p.shape[0] if p.shape[0] else 0)
+    fill_flat(local.view(-1), start, values)
 
 
 class SLAMv1LM(nn.Module):
@@ -379,28 +609,88 @@ class SLAMv1LM(nn.Module):
         # Activation checkpointing hooks, set by the engine: w(fn, x) replaces fn(x).
         self.cycle_wrapper: Optional[Wrapper] = None  # one region per EF cycle (A, B and fusion)
         self.block_wrapper: Optional[Wrapper] = None  # initial_block and final_block
+        # z-loss coefficient, set by the training wiring from train.z_loss (a property of the
+        # objective, not of the architecture: no ModelConfig field, nothing in exports). 0 = off.
+        self.z_loss: float = 0.0
+        self.z_loss_stats: Optional[torch.Tensor] = None  # [2] fp64: sum of lse^2, tokens (see _z_term)
         self._plans: OrderedDict[tuple[int, str], EFPlan] = OrderedDict()
-        self.init_weights()
-
-    def init_weights(self) -> None:
-        """N(0, init_std) for weights; residual output projections scaled by 1/sqrt(2 * depth),
-        depth = blocks on a token's path (ef_cycles + 2), as GPT-2. Also (re)ties lm_head, which
-        ``to_empty()`` after meta-device construction unties."""
-        cfg = self.config
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, mean=0.0, std=cfg.init_std)
-            elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
-                m.reset_parameters()
-        resid_std = cfg.init_std / math.sqrt(2 * (cfg.ef_cycles + 2))
-        for name, p in self.named_parameters():
+        if not _DEFERRED_INIT.get():
+            self.init_weights()
+
+    # -- initialisation ----------------------------------------------------------------------
+    # Every parameter's initial value is a pure function of (seed, parameter name, element index):
+    # the flat tensor is cut into INIT_BLOCK-element blocks, each drawn from its own CPU generator
+    # seeded by a hash of (seed, name, block). A rank that holds only a slice of a parameter (an
+    # FSDP2 row shard, a ZeRO-3 flat partition: both contiguous ranges of the flat tensor) draws
+    # only the blocks it overlaps and gets exactly the values of the unsharded model, whatever the
+    # world size, without ever holding the whole parameter. (Before this scheme the weights came
+    # from one global-RNG stream in module order, which a shard cannot reproduce: the same seed
+    # now gives other, equally distributed, initial weights than before.)
+
+    def init_spec(self, name: str) -> tuple[str, float]:
+        """How parameter ``name`` starts: ("normal", std), ("ones", 0) or ("zeros", 0).
+
+        N(0, init_std) for linear and embedding weights; residual output projections (attention
+        ``proj``, FFN ``down``) N(0, init_std / sqrt(2 * depth)), depth = blocks on a token's path
+        (ef_cycles + 2), as GPT-2; norm weights 1, norm biases 0.
+        """
+        cfg = self.config
+        owner_name, _, leaf = name.rpartition(".")
+        owner = self.get_submodule(owner_name)
+        if isinstance(owner, (nn.Linear, nn.Embedding)) and leaf == "weight":
             if name.endswith(("attn.proj.weight", "ffn.down.weight")):
-                nn.init.normal_(p, mean=0.0, std=resid_std)
+                return "normal", cfg.init_std / math.sqrt(2 * (cfg.ef_cycles + 2))
+            return "normal", cfg.init_std
+        if isinstance(owner, (nn.LayerNorm, nn.RMSNorm)) and leaf in ("weight", "bias"):
+            return ("ones" if leaf == "weight" else "zeros"), 0.0
+        raise TypeError(f"no initialisation rule for parameter {name!r} ({type(owner).__name__}.{leaf})")
+
+    def initial_values(self, name: str, start: int, end: int, seed: int) -> torch.Tensor:
+        """Elements [start, end) of parameter ``name``'s flattened initial value: fp32, on the CPU."""
+        kind, std = self.init_spec(name)
+        if kind != "normal":
+            return torch.full((end - start,), 1.0 if kind == "ones" else 0.0, device="cpu")
+        p = self.get_parameter(name)
+        numel = getattr(p, "ds_numel", p.numel())  # ds_numel: partitioned by zero.Init (p holds nothing)
+        if not 0 <= start <= end <= numel:
+            raise ValueError(f"initial_values({name!r}): [{start}, {end}) is outside its {numel} elements")
+        out = torch.empty(end - start, device="cpu")
+        pos = start
+        while pos < end:
+            block = pos // INIT_BLOCK
+            lo = block * INIT_BLOCK
+            # Always the whole block: normal_ draws differently for different lengths (vectorised
+            # in groups of 16, scalar below 16), so a prefix of a longer draw is not a shorter draw.
+            vals = torch.empty(min(INIT_BLOCK, numel - lo), device="cpu").normal_(
+                0.0, std, generator=_block_generator(seed, name, block))
+            hi = min(lo + vals.numel(), end)
+            out[pos - start:hi - start] = vals[pos - lo:hi - lo]
+            pos = hi
+        return out
+
+    @torch.no_grad()
+    def init_weights(self, seed: Optional[int] = None) -> None:
+        """(Re)initialise every parameter from ``seed`` (default: ``torch.initial_seed()``, the
+        seed of the last ``torch.manual_seed``) as ``initial_values`` says. Works in place on plain
+        parameters on any device and on FSDP2 DTensor shards (each rank writes its own rows); meta
+        parameters are left alone. Also (re)ties lm_head to the embedding."""
+        seed = torch.initial_seed() if seed is None else seed
+        if self.config.tie_embeddings and self.lm_head.weight is not self.tok_emb.weight:
+            self.lm_head.weight = self.tok_emb.weight
+        for name, p in self.named_parameters():  # a tied weight once, under its first name (tok_emb)
+            # The trunk's parameters only: a subclass initialises what it adds (a classification head).
+            if name.startswith(_TRUNK_PREFIXES):
+                write_initial(p, lambda a, b, name=name: self.initial_values(name, a, b, seed))
 
     def ef_plan(self, n: int, device: torch.device) -> EFPlan:
         """The plan for length n, from a small LRU cache (memory does not grow with lengths seen)."""
+        if getattr(self, "_plans_rope", None) != self.config.rope_key:
+            # New RoPE settings on this model (a context-extension phase): every cached plan holds
+            # factors of the old ones, so none may be reused.
+            self._plans.clear()
+            self._plans_rope = self.config.rope_key
         key = (n, str(device))
         plan = self._plans.get(key)
         if plan is None:
@@ -411,10 +701,13 @@ class SLAMv1LM(nn.Module):
             self._plans.move_to_end(key)
         return plan
 
-    def _ef_cycle(self, i: int, plan: EFPlan, x: torch.Tensor) -> torch.Tensor:
-        """One EF cycle: A on even segments, B on odd ones (one call each), fusion mean. x [B, N, D]."""
+    def _ef_cycle(self, i: int, plan: EFPlan, x: torch.Tensor, docs: Optional[DocMasks] = None) -> torch.Tensor:
+        """One EF cycle: A on even segments, B on odd ones (one call each), fusion mean. x [B, N, D].
+        ``docs``: document masking's per-segment masks (and RoPE factors), else plain causal."""
+        rope_full, rope_even, rope_odd = (plan.rope_full, plan.rope_even, plan.rope_odd) if docs is None else (
+            docs.rope_full, docs.rope_even, docs.rope_odd)
         if plan.k_odd == 0:  # one segment holds the whole sequence
-            return self.ef_blocks_A[i](x, plan.rope_full)
+            return self.ef_blocks_A[i](x, rope_full, mask=None if docs is None else docs.full)
         b, n, d = x.shape
         t, p, ke, ko = plan.stride, plan.pad, plan.k_even, plan.k_odd
         span = max(ke, ko + 1) * 2 * t  # room for both batches' periods (odd ones start at T)
@@ -422,11 +715,9 @@ class SLAMv1LM(nn.Module):
         def periods(h: torch.Tensor, start: int, k: int) -> torch.Tensor:  # [B, k, 2T, D] view of h
             return h[:, start:start + k * 2 * t].view(b, k, 2 * t, d)
 
-        xp = _fit(x, span)  # [B, span, D]: zero padding past N
-        xe = periods(xp, 0, ke)[:, :, :p].reshape(b * ke, p, d)  # [B*K_even, P, D]
-        xo = periods(xp, t, ko)[:, :, :p].reshape(b * ko, p, d)  # [B*K_odd, P, D]
-        ye = self.ef_blocks_A[i](xe, plan.rope_even).view(b, ke, p, d)
-        yo = self.ef_blocks_B[i](xo, plan.rope_odd).view(b, ko, p, d)
+        xe, xo = segment_batches(x, plan)  # [B*K_even, P, D], [B*K_odd, P, D]: zero padding past N
+        ye = self.ef_blocks_A[i](xe, rope_even, mask=None if docs is None else docs.even).view(b, ke, p, d)
+        yo = self.ef_blocks_B[i](xo, rope_odd, mask=None if docs is None else docs.odd).view(b, ko, p, d)
         # Back to positions, in place in one buffer (no concatenation), then the fusion mean.
         out = ye.new_zeros(b, span, d)
         periods(out, 0, ke)[:, :, :p] = ye
@@ -445,31 +736,62 @@ class SLAMv1LM(nn.Module):
         if n > cfg.max_seq_len:
             raise UserError(f"sequence length {n} is longer than model.max_seq_len={cfg.max_seq_len}")
         plan = self.ef_plan(n, tokens.device)
+        # Document masking: masks (and per-row positions) from the tokens, once for every block.
+        docs = build_doc_masks(cfg, plan, tokens) if cfg.doc_masking else None
         x = self.tok_emb(tokens)  # [B, N, D]
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(n, device=tokens.device))
+            x = x + self.pos_emb(torch.arange(n, device=tokens.device) if docs is None or docs.pos is None else docs.pos)
         x = self.drop(x)
+        rope_full, full_mask = (plan.rope_full, None) if docs is None else (docs.rope_full, docs.full)
 
         def run(wrapper: Optional[Wrapper], fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor):
             if hidden is not None:
                 hidden.append(x)
             return fn(x) if wrapper is None else wrapper(fn, x)
 
-        x = run(self.block_wrapper, lambda h: self.initial_block(h, plan.rope_full), x)
+        x = run(self.block_wrapper, lambda h: self.initial_block(h, rope_full, mask=full_mask), x)
         for i in range(cfg.ef_cycles):
-            x = run(self.cycle_wrapper, lambda h, i=i: self._ef_cycle(i, plan, h), x)
-        x = run(self.block_wrapper, lambda h: self.final_block(h, plan.rope_full), x)
+            x = run(self.cycle_wrapper, lambda h, i=i: self._ef_cycle(i, plan, h, docs), x)
+        x = run(self.block_wrapper, lambda h: self.final_block(h, rope_full, mask=full_mask), x)
         return self.norm_f(x)
 
     def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None,
                 hidden: Optional[list[torch.Tensor]] = None):
         """tokens [B, N] -> logits [B, N, V], or (logits, mean CE loss) when targets are given
-        (``hidden``: see ``features``)."""
+        (``hidden``: see ``features``). With ``self.z_loss`` > 0 in training mode the loss's
+        gradient also holds the z-loss, while its value stays the CE (see ``_z_term``)."""
         logits = self.lm_head(self.features(tokens, hidden))  # [B, N, V]
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        flat, targets = logits.float().view(-1, logits.size(-1)), targets.reshape(-1)  # [B*N, V], [B*N]
+        loss = F.cross_entropy(flat, targets, ignore_index=-100)
+        if self.z_loss and self.training:
+            loss = loss + self._z_term(flat, targets)
         return logits, loss
+
+    def _z_term(self, flat: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The z-loss (PaLM, Chowdhery et al. 2022): z_loss * mean(logsumexp(logits)^2) over the
+        tokens whose target is not -100. It pulls log Z towards 0 so the softmax normaliser cannot
+        drift (large logits lose precision in bf16 and blow up late in long runs).
+
+        Returned as ``z - z.detach()``: exactly 0 in value, the z-loss's gradient in backward. So
+        the engines back-propagate CE + z-loss, while the loss they return and the trainer logs
+        stays the plain CE, comparable with runs without it (metrics.jsonl reports the z-term
+        apart, as ``z_loss``). A non-finite z makes the loss NaN (inf - inf) and the step is
+        skipped like any non-finite one. The detached sum of lse^2 and the token count add up in
+        ``z_loss_stats`` until the logging callback takes them (``pop_z_loss_stats``)."""
+        keep = targets != -100  # [B*N]
+        lse2 = torch.where(keep, torch.logsumexp(flat, dim=-1), 0.0).square()  # [B*N]; 0 where ignored
+        count = keep.sum()
+        z = self.z_loss * lse2.sum() / count.clamp(min=1)
+        stats = torch.stack([lse2.sum().detach(), count.to(lse2.dtype)]).double()  # no host sync
+        self.z_loss_stats = stats if self.z_loss_stats is None else self.z_loss_stats + stats
+        return z - z.detach()
+
+    def pop_z_loss_stats(self) -> Optional[torch.Tensor]:
+        """[sum of lse^2, tokens] over the training forwards since the last call (None: none ran)."""
+        stats, self.z_loss_stats = self.z_loss_stats, None
+        return stats
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,7 +815,8 @@ def count_params(model_or_config: Union[nn.Module, ModelConfig], non_embedding: 
         return sum(getattr(p, "ds_numel", p.numel()) for p in params.values())  # ds_numel: ZeRO-3
     cfg = model_or_config
     norm = (2 if cfg.norm == "layernorm" else 1) * cfg.d_model
-    blocks = (2 + 2 * cfg.ef_cycles) * (_block_matmul_params(cfg) + 2 * norm) + norm  # + norm_f
+    qk_norm = 2 * cfg.head_dim if cfg.qk_norm else 0  # q_norm and k_norm weights per attention
+    blocks = (2 + 2 * cfg.ef_cycles) * (_block_matmul_params(cfg) + 2 * norm + qk_norm) + norm  # + norm_f
     if non_embedding:
         return blocks
     emb = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
@@ -531,7 +854,8 @@ def model_summary(config: ModelConfig, seq_len: int) -> str:
         f"SLAMv1LM: {count_params(cfg):,} parameters ({count_params(cfg, non_embedding=True):,} non-embedding), "
         f"{2 + 2 * cfg.ef_cycles} blocks (depth per token {cfg.ef_cycles + 2})",
         f"  d_model={cfg.d_model} heads={cfg.num_heads} kv_heads={cfg.kv_heads} d_ff={cfg.d_ff} "
-        f"{cfg.norm_position}-norm {cfg.norm} {cfg.ffn} {cfg.pos_encoding} tie_embeddings={cfg.tie_embeddings}",
+        f"{cfg.norm_position}-norm {cfg.norm} {cfg.ffn} {cfg.pos_encoding} tie_embeddings={cfg.tie_embeddings}"
+        f"{' qk_norm' if cfg.qk_norm else ''}",
         f"  FLOPs per token (fwd+bwd) at seq_len {seq_len}: {fpt:.4g} ({fpt * seq_len:.4g} per sequence)",
         f"  EF segments at seq_len {seq_len}: S={s} O={o} stride={s - o if len(segs) > 1 else s} "
         f"K={len(segs)}: {shown}",

@@ -105,6 +105,8 @@ class JsonlSink:
 
     On resume, records with ``step`` beyond the checkpoint's step (written by the killed attempt
     after its last checkpoint) are dropped first, so the file reads as one uninterrupted run.
+    Besides metric records, ``write_event`` adds records that carry an ``"event"`` key (where a
+    checkpoint branch starts); readers of metrics skip records that have one.
     """
 
     def __init__(self, path: Path, resume_step: Optional[int] = None):
@@ -129,6 +131,15 @@ class JsonlSink:
     def write(self, record: dict[str, Any]) -> None:
         self._fh.write(json.dumps(record, sort_keys=False) + "\n")
         self._fh.flush()
+
+    def write_event(self, event: dict[str, Any]) -> None:
+        """A record that is not a metric: ``{"event": KIND, "step": N, ...}``, e.g. the branch
+        ``CheckpointManager.resume_point`` started (``{"event": "branch", "branch": 1, "step": 1000,
+        "from": ".../step_00001000", "abandoned": ..., "abandoned_steps": [...]}``). It holds the
+        step it happened at, so a later resume from that step or after keeps it."""
+        if not isinstance(event.get("event"), str) or not isinstance(event.get("step"), int):
+            raise ValueError(f"an event record needs a string 'event' and an int 'step': {event!r}")
+        self.write(event)
 
     def close(self) -> None:
         self._fh.close()

@@ -4,13 +4,9 @@ around the trainer (processes, checkpoints, tracking, the standard callbacks, th
 
 from __future__ import annotations
 
-import random
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
-
-import numpy as np
-import torch
 
 from slam_pretrain.distributed import destroy, init_distributed
 from slam_pretrain.engine import grad_accum_steps
@@ -29,13 +25,25 @@ if TYPE_CHECKING:
 
 EXIT_OK = 0
 EXIT_BAD_STEPS = 3
+EXIT_LOSS_SPIKE = 4  # the spike monitor stopped the run (stability.policy=stop, or too many rollbacks)
 EXIT_SIGNAL = 143  # what a shell reports for SIGTERM; the sbatch scripts requeue on it
 
 
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+def seed_all(seed: int, rank: Optional[int] = None) -> None:
+    """Seed python, numpy and torch: with ``seed`` itself (``rank=None``), or with this rank's own
+    stream, ``rank_stream_seed(seed, rank)``.
+
+    Two calls, in this order: ``seed_all(seed)`` before the model is built, so every rank draws the
+    same initial weights (FSDP shards them as built; DeepSpeed assumes every rank starts alike);
+    then ``seed_all(seed, rank)`` once the engine is built, so each rank draws its own dropout
+    masks: with one shared stream every rank would drop the same units in the same step, and
+    data parallelism would average gradients of one mask instead of ``world`` of them. Each
+    rank's stream is saved in its rank file and restored on resume; after a world-size change
+    every rank starts ``rank_stream_seed(seed, rank, step)`` (``CheckpointManager.load``).
+    """
+    from slam_pretrain.training.checkpoint import rank_stream_seed, seed_generators
+
+    seed_generators(seed if rank is None else rank_stream_seed(seed, rank))
 
 
 def resume_state(ckpt: Any, resume: str, engine: Any, loader: Any, cfg: Any, checksums: dict[str, Any],
@@ -56,8 +64,8 @@ def resume_state(ckpt: Any, resume: str, engine: Any, loader: Any, cfg: Any, che
 
 
 # Final status -> exit code, and -> MLflow run status.
-EXIT_CODES = {"done": EXIT_OK, "signal": EXIT_SIGNAL, "bad_steps": EXIT_BAD_STEPS}
-_RUN_STATUS = {"done": "FINISHED", "signal": "KILLED", "bad_steps": "FAILED"}
+EXIT_CODES = {"done": EXIT_OK, "signal": EXIT_SIGNAL, "bad_steps": EXIT_BAD_STEPS, "loss_spike": EXIT_LOSS_SPIKE}
+_RUN_STATUS = {"done": "FINISHED", "signal": "KILLED", "bad_steps": "FAILED", "loss_spike": "FAILED"}
 
 
 class TrainingRun:
@@ -109,6 +117,9 @@ class TrainingRun:
         tokenizer), and take the state from ``--resume auto|never|PATH``."""
         self._engine, self._loader = engine, loader
         self._checksums, self._tokenizer_path = checksums, tokenizer_path
+        # The model was built from the common seed (identical weights); from here each rank draws
+        # from its own stream (dropout), which resume_state restores from the checkpoint.
+        seed_all(self.cfg.run.seed, rank=self.dist.rank)
         self.state, self.resume_path = resume_state(self.ckpt, resume, engine, loader, self.cfg, checksums,
                                                     self.main)
 
@@ -118,9 +129,17 @@ class TrainingRun:
         self.tracker = cfg.build_tracker(self.main)
         if not self.main:
             return
+        branch = self.ckpt.branch_event  # this start began a new checkpoint branch: say where
+        tags = dict(extra_tags or {})
+        if branch is not None:
+            b = branch["branch"]
+            tags.update({"branch": b, f"branch/{b}/start_step": branch["step"],
+                         f"branch/{b}/from": branch["from"] or "step 0"})
         self.state.tracking_run_id = self.tracker.start(
             run_id=self.state.tracking_run_id, params=run_params(cfg),
-            tags=run_tags(cfg, self.dist.world_size, extra_tags)) or self.state.tracking_run_id
+            tags=run_tags(cfg, self.dist.world_size, tags)) or self.state.tracking_run_id
+        if branch is not None:
+            self.tracker.log_metrics({"train/branch": float(branch["branch"])}, step=branch["step"])
         config_file = self.out_dir / "config.yaml"
         config_file.write_text(cfg.to_yaml())
         for path in (config_file, *artifacts):
@@ -133,28 +152,41 @@ class TrainingRun:
         self.saved = self.ckpt.save(step, self._engine,
                                     rank_state={"rng": capture_rng(), "loader": self._loader.state_dict()},
                                     trainer_state=self.state.to_dict(), config_yaml=self.cfg.to_yaml(),
-                                    checksums=self._checksums, tokenizer_path=self._tokenizer_path)
+                                    checksums=self._checksums, tokenizer_path=self._tokenizer_path,
+                                    blocking=not self.cfg.checkpoint.async_save)
 
     def callbacks(self, seq_len: int, message: str) -> list[Callback]:
         """Rank 0: console (``message`` first) + metrics.jsonl and MLflow; every rank: throughput/MFU
-        (the peak measured now, as ``self.speed``) and checkpoints every ``checkpoint.interval``."""
+        (the peak measured now, as ``self.speed``), checkpoints every ``checkpoint.interval``, and the
+        loss-spike monitor when ``stability.enabled``."""
         cfg = self.cfg
         out: list[Callback] = []
         if self.main:
             console = ConsoleSink(cfg.train.max_steps, self.state.step)
             jsonl = JsonlSink(self.out_dir / "metrics.jsonl",
                               resume_step=self.state.step if self.resume_path else None)
+            if self.ckpt.branch_event is not None:
+                jsonl.write_event(self.ckpt.branch_event)
             out += [LogCallback(console, jsonl), TrackingCallback(self.tracker)]
             console.message(message)
         self.speed = ThroughputCallback.measure(flops_per_token(cfg.model, seq_len), self.dist.world_size,
                                                 self.dist.device, cfg.engine.precision, cfg.train.peak_flops)
-        return out + [self.speed, CheckpointCallback(cfg.checkpoint.interval, self.save, flush_fn=self.tracker.flush)]
+        out += [self.speed, CheckpointCallback(cfg.checkpoint.interval, self.save, flush_fn=self.tracker.flush)]
+        if cfg.stability.enabled:  # after CheckpointCallback: a rollback follows that step's (skipped) save
+            from slam_pretrain.training.stability import SpikeMonitor
+
+            out.append(SpikeMonitor(cfg.stability, ckpt=self.ckpt, engine=self._engine, config=cfg,
+                                    checksums=self._checksums, loader=self._loader, tracker=self.tracker,
+                                    is_main=self.main))
+        return out
 
     def fit(self, trainer: Trainer) -> str:
         """``trainer.fit()``; a UserError (e.g. a checkpoint that could not be written: disk full)
         still ends the MLflow run, as FAILED, before it becomes the one-line error."""
         try:
-            return trainer.fit()
+            status = trainer.fit()
+            self.ckpt.wait()  # the last (background) checkpoint is published before export and exit
+            return status
         except UserError:
             if self.main:
                 self.tracker.finish("FAILED")

@@ -12,7 +12,8 @@ already on their device.
 
 Stops: ``max_steps`` reached (status "done"), a stop signal on any rank (checkpoint, then
 "signal"), or ``max_bad_steps`` consecutive non-finite steps ("bad_steps", no checkpoint written,
-so the last good one stays the newest).
+so the last good one stays the newest), or a callback's ``stop_status`` (the spike monitor's
+"loss_spike": no checkpoint written either).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class TrainerState:
     bad_total: int = 0
     tracking_run_id: Optional[str] = None
     train_time_s: float = 0.0
+    stability: Optional[dict[str, Any]] = None  # the spike monitor's state (training/stability.py)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,7 +60,11 @@ class Callback:
     step, ``metrics(trainer)`` of every callback (the fields each adds to the training record,
     called once per record, so a callback may start a new averaging window there), then
     ``on_log(trainer, record)`` of every callback (also for validation records); last
-    ``on_step_end(trainer)``. ``on_start`` / ``on_stop`` bracket ``fit``.
+    ``on_step_end(trainer)``. ``on_start`` / ``on_stop`` bracket ``fit``. ``on_event(trainer,
+    event)``: a record that is not a metric (``{"event": KIND, "step": N, ...}``, e.g. a context
+    phase starting), sent by ``Trainer.emit_event``. ``before_update(trainer, loss)``: the step's
+    all-reduced loss before the optimizer update; True holds (skips) the update on every rank.
+    Only callbacks that override it make the trainer read the loss that early.
     """
 
     def on_start(self, trainer: "Trainer") -> None: ...
@@ -67,15 +73,19 @@ class Callback:
         return {}
     def on_log(self, trainer: "Trainer", record: dict[str, Any]) -> None: ...
     def on_step_end(self, trainer: "Trainer") -> None: ...
+    def on_event(self, trainer: "Trainer", event: dict[str, Any]) -> None: ...
+    def before_update(self, trainer: "Trainer", loss: float) -> bool:
+        return False
     def on_stop(self, trainer: "Trainer", status: str) -> None: ...
 
 
 class EngineLike(Protocol):
     grad_accum: int
     device: torch.device
+    model: torch.nn.Module  # the model being trained (a context phase changes its RoPE settings)
 
     def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor: ...
-    def optimizer_step(self, lr: float) -> Any: ...
+    def optimizer_step(self, lr: float, hold: bool = False) -> Any: ...
     def eval_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor: ...
     def train(self) -> None: ...
     def eval(self) -> None: ...
@@ -131,6 +141,14 @@ class Trainer:
         self.stop_flag = stop_flag or StopFlag()
         self.status = "running"
         self._epoch_iter: Optional[Iterator[dict[str, torch.Tensor]]] = None
+        # The sequence length in effect when a context schedule sets it (ContextScheduleCallback);
+        # then every record carries it as ``seq_len``. None: the loader's rows, not logged.
+        self.phase_seq_len: Optional[int] = None
+        # Set by callbacks (the spike monitor): the scheduled LR is multiplied by lr_factor, and a
+        # stop_status ends the run after the step (a decision every rank takes alike).
+        self.lr_factor = 1.0
+        self.stop_status: Optional[str] = None
+        self._pre_update = [cb for cb in callbacks if type(cb).before_update is not Callback.before_update]
 
     @property
     def device(self) -> torch.device:
@@ -157,16 +175,22 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         t0 = time.perf_counter()
         wait0 = getattr(self.loader, "wait_time_s", 0.0)
-        lr = lr_at(self.state.step, self.train)
+        lr = lr_at(self.state.step, self.train) * self.lr_factor
         grad_accum = self.engine.grad_accum
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for _ in range(grad_accum):
             input_ids, labels = self._to_device(self._next_batch())
             # Summed on the device: one host sync per step (the .item() below), not per micro-batch.
             loss_sum += self.engine.forward_backward(input_ids, labels).double()
-        result = self.engine.optimizer_step(lr)
-        # The mean over ranks of each rank's mean micro-batch loss (equal-sized batches).
-        loss = all_reduce_mean(loss_sum.item() / grad_accum)
+        # The mean over ranks of each rank's mean micro-batch loss (equal-sized batches). Read before
+        # the update only when a callback decides on it (one more host sync before the update).
+        loss = all_reduce_mean(loss_sum.item() / grad_accum) if self._pre_update else None
+        if loss is not None and any([cb.before_update(self, loss) for cb in self._pre_update]):
+            result = self.engine.optimizer_step(lr, hold=True)
+        else:
+            result = self.engine.optimizer_step(lr)
+        if loss is None:
+            loss = all_reduce_mean(loss_sum.item() / grad_accum)
         self.state.step += 1
         self.state.tokens += self.tokens_per_step
         if result.skipped or not math.isfinite(loss):
@@ -194,6 +218,8 @@ class Trainer:
             "grad_norm": out["grad_norm"],
             "tokens": self.state.tokens,
         }
+        if self.phase_seq_len is not None:
+            record["seq_len"] = self.phase_seq_len
         for cb in self.callbacks:
             record.update(cb.metrics(self))
         record["skipped_steps"] = self.state.bad_total
@@ -213,12 +239,20 @@ class Trainer:
         if n == 0:
             return None
         val_loss = all_reduce_mean(total / n)
-        return {"step": self.state.step, "max_steps": self.train.max_steps, "split": "val",
-                "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        record = {"step": self.state.step, "max_steps": self.train.max_steps, "split": "val",
+                  "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        if self.phase_seq_len is not None:
+            record["seq_len"] = self.phase_seq_len
+        return record
 
     def _emit(self, record: dict[str, Any]) -> None:
         for cb in self.callbacks:
             cb.on_log(self, record)
+
+    def emit_event(self, event: dict[str, Any]) -> None:
+        """Hand ``event`` (``{"event": KIND, "step": N, ...}``) to every callback's ``on_event``."""
+        for cb in self.callbacks:
+            cb.on_event(self, event)
 
     # -- the loop --------------------------------------------------------------------------
     def fit(self) -> str:
@@ -246,6 +280,9 @@ class Trainer:
                         self._emit(val)
                 for cb in self.callbacks:
                     cb.on_step_end(self)
+                if self.stop_status is not None:  # a callback ended the run (the spike monitor's "stop")
+                    self.status = self.stop_status
+                    break
                 # Every rank must stop at the same step: agree on the flag collectively.
                 if all_reduce_any(self.stop_flag.signum is not None):
                     self.status = "signal"

@@ -4,7 +4,8 @@ Self-contained: this file and ``modeling_slam.py`` are copied next to the weight
 ``AutoConfig.from_pretrained(DIR, trust_remote_code=True)`` loads them. The fields are those of
 slam-pretrain's ``ModelConfig`` (same names and meaning), except ``rope_scaling``, which is
 ``rope_scaling_factor`` here because ``PretrainedConfig`` reserves ``rope_scaling`` for its own
-RoPE dictionaries. ``segment_len``/``overlap`` are tokens (ints) or fractions of the sequence
+RoPE dictionaries (``rope_scaling_type``, ``rope_original_max_len`` and ``rope_yarn_*`` keep their
+names). ``segment_len``/``overlap`` are tokens (ints) or fractions of the sequence
 length (floats in (0, 1]), exactly as in training.
 """
 
@@ -45,9 +46,15 @@ class SLAMConfig(PretrainedConfig):
         pos_encoding: str = "rope",
         rope_theta: float = 10000.0,
         rope_scaling_factor: float = 1.0,
+        rope_scaling_type: str = "linear",
+        rope_original_max_len: Optional[int] = None,
+        rope_yarn_beta_fast: float = 32.0,
+        rope_yarn_beta_slow: float = 1.0,
+        rope_yarn_attn_factor: Optional[float] = None,
         tie_embeddings: bool = True,
         init_std: float = 0.02,
         norm_eps: float = 1e-5,
+        qk_norm: bool = False,
         layout_revision: int = 2,
         use_cache: bool = True,
         pad_token_id: Optional[int] = 0,
@@ -71,10 +78,18 @@ class SLAMConfig(PretrainedConfig):
         self.pos_encoding = pos_encoding
         self.rope_theta = rope_theta
         self.rope_scaling_factor = rope_scaling_factor
+        # Context extension as in training: "linear" position interpolation or "yarn" (original
+        # context length, ramp bounds beta_fast/beta_slow, attention factor; None = 0.1 ln(s) + 1).
+        self.rope_scaling_type = rope_scaling_type
+        self.rope_original_max_len = rope_original_max_len
+        self.rope_yarn_beta_fast = rope_yarn_beta_fast
+        self.rope_yarn_beta_slow = rope_yarn_beta_slow
+        self.rope_yarn_attn_factor = rope_yarn_attn_factor
         self.tie_embeddings = tie_embeddings
         self.tie_word_embeddings = tie_embeddings
         self.init_std = init_std
         self.norm_eps = norm_eps
+        self.qk_norm = qk_norm  # RMSNorm over head_dim of each head's q and k, before RoPE
         self.layout_revision = layout_revision
         # Fractional layouts move with N: no exact KV cache exists, so generation recomputes.
         self.use_cache = bool(use_cache) and not isinstance(segment_len, float)

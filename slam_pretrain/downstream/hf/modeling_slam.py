@@ -77,10 +77,37 @@ def ef_segments(cfg: SLAMConfig, n: int) -> list[tuple[int, int]]:
     return [(i * t, min(i * t + s, n)) for i in range(k)]
 
 
+def yarn_inv_freq(inv_freq: torch.Tensor, cfg: SLAMConfig) -> tuple[torch.Tensor, float]:
+    """YaRN (Peng et al. 2023) as the authors' reference code: pairs turning more than beta_fast
+    times over the original context keep their frequency, fewer than beta_slow are divided by s, a
+    linear ramp over the pair index between; q and k are scaled by mscale (0.1 ln(s) + 1 unless
+    ``rope_yarn_attn_factor`` is set). s = 1 is plain RoPE."""
+    s, hd, l0, base = cfg.rope_scaling_factor, cfg.head_dim, cfg.rope_original_max_len, cfg.rope_theta
+    mscale = cfg.rope_yarn_attn_factor if cfg.rope_yarn_attn_factor is not None else (
+        0.1 * math.log(s) + 1.0 if s > 1 else 1.0)
+    if s == 1:
+        return inv_freq, mscale
+
+    def pair(turns: float) -> float:  # the pair index whose wavelength fits ``turns`` times into l0
+        return hd * math.log(l0 / (turns * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = max(math.floor(pair(cfg.rope_yarn_beta_fast)), 0), min(math.ceil(pair(cfg.rope_yarn_beta_slow)), hd - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(hd // 2, dtype=torch.float32, device=inv_freq.device) - low) / (high - low)).clamp(0, 1)
+    return inv_freq / s * ramp + inv_freq * (1 - ramp), mscale
+
+
 def rope_freqs(positions: torch.Tensor, cfg: SLAMConfig) -> torch.Tensor:
-    """exp(i * position / scaling * theta^(-2j/hd)), complex64 [*positions.shape, hd/2]."""
+    """exp(i * position * theta^(-2j/hd)), complex64 [*positions.shape, hd/2], with the context
+    extension of ``rope_scaling_type``: "linear" divides positions by ``rope_scaling_factor``,
+    "yarn" changes the per-pair frequencies and the factors' magnitude (``yarn_inv_freq``)."""
     hd = cfg.head_dim
     inv_freq = cfg.rope_theta ** (-torch.arange(0, hd, 2, device=positions.device, dtype=torch.float32) / hd)
+    if cfg.rope_scaling_type == "yarn":
+        inv_freq, mscale = yarn_inv_freq(inv_freq, cfg)
+        angles = positions.to(torch.float32)[..., None] * inv_freq
+        return torch.polar(torch.full_like(angles, mscale), angles)
     angles = (positions.to(torch.float32) / cfg.rope_scaling_factor)[..., None] * inv_freq
     return torch.polar(torch.ones_like(angles), angles)
 
@@ -117,6 +144,9 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(self.n_heads * self.hd, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
+        # QK-norm: RMSNorm over head_dim, one weight shared by the heads (whatever ``cfg.norm`` is).
+        self.q_norm = nn.RMSNorm(self.hd, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(self.hd, eps=cfg.norm_eps) if cfg.qk_norm else None
 
     def project(self, x: torch.Tensor, rope: Optional[torch.Tensor]):
         b, L, _ = x.shape
@@ -124,6 +154,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(b, L, self.n_heads, self.hd).transpose(1, 2)  # [b, H, L, hd]
         k = k.view(b, L, self.n_kv, self.hd).transpose(1, 2)  # [b, Hkv, L, hd]
         v = v.view(b, L, self.n_kv, self.hd).transpose(1, 2)
+        if self.q_norm is not None:  # before RoPE, per head and position
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         return q, k, v
