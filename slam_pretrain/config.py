@@ -31,10 +31,9 @@ from slam_pretrain.model import ModelConfig
 from slam_pretrain.training.context_schedule import Phase, check_lengths, parse_schedule
 
 if TYPE_CHECKING:
-    from torch import nn
-
     from slam_pretrain.distributed import DistInfo
     from slam_pretrain.engine import Engine
+    from slam_pretrain.engine.base import ModelSource
     from slam_pretrain.training.checkpoint import CheckpointManager
     from slam_pretrain.training.tracking import Tracker
 
@@ -249,8 +248,10 @@ class Config:
             raise ConfigError(f"model.vocab_size={self.model.vocab_size} is invalid: must be < 2**32")
         check_lengths(self.train.phases(), self.data.seq_len, self.model)  # each phase cuts data.seq_len rows
 
-    def build_engine(self, model: "nn.Module", dist: "DistInfo") -> "Engine":
-        """The engine named by ``engine.name`` around ``model`` (moved to ``dist.device``)."""
+    def build_engine(self, model: "ModelSource", dist: "DistInfo") -> "Engine":
+        """The engine named by ``engine.name`` around ``model``: a built module (moved to
+        ``dist.device``), or a factory the engine calls on the meta device / inside zero.Init and
+        then initialises from ``run.seed`` (no rank ever holds the whole model)."""
         from slam_pretrain.engine import build_engine
 
         return build_engine(self, model, dist)

@@ -107,7 +107,9 @@ def run_training(cfg: Config, resume: str = "auto") -> int:
         raise ConfigError(f"model.eos_id={cfg.model.eos_id} is invalid: the dataset's tokenizer ends documents "
                           f"with {eos}; set model.eos_id={eos}")
     run = TrainingRun.open(cfg, stop_flag)  # processes, grad accumulation, out_dir (writable), seed
-    engine = cfg.build_engine(SLAMv1LM(cfg.model), run.dist)
+    # A factory: the engine builds the model on the meta device (FSDP2) or inside zero.Init
+    # (ZeRO-3) and initialises its own shard from run.seed, so no rank holds the whole model.
+    engine = cfg.build_engine(lambda: SLAMv1LM(cfg.model), run.dist)
     loader, val_loader, val_batches = _loaders(cfg, manifest, run.dist)
     tokenizer_path = manifest.tokenizer_path() if run.main else None
     run.resume(resume, engine, loader, tokenizer_path=tokenizer_path,

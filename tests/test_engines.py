@@ -13,8 +13,9 @@ things per variant; the tests below only assert on what those runs recorded:
      too, and the elastic load of A's 2-rank checkpoint (DCP resharding / DeepSpeed universal
      checkpoint).
   B  2 ranks, a fresh process group: load A's checkpoint, run M + 2 steps: bitwise A's losses
-     (so the skipped step changed neither weights nor optimizer state); and the elastic load of
-     C's 1-rank FSDP checkpoint (unsharded at world 1) into 2 ranks.
+     (so the skipped step changed neither weights nor optimizer state); the elastic load of C's
+     1-rank FSDP checkpoint (unsharded at world 1) into 2 ranks; and, first, a ZeRO-3 factory
+     build in fresh processes (zero.Init before any other DeepSpeed call).
   D  1 rank, fresh process: load C's checkpoint, bitwise C's continuation.
 
 Plus, in a subprocess of 2 ranks: the peak host RSS of building a ~300M-parameter model through
@@ -224,12 +225,18 @@ def phase_resume(info: Any, root: str, variants: list[str]) -> dict[str, Any]:
 
 def phase_two_ranks_again(info: Any, root: str, variants: list[str]) -> dict[str, Any]:
     """B: resume A's checkpoints; then FSDP's 1-rank checkpoint (plain tensors: one process in fp32
-    is not sharded) loaded into 2 ranks."""
+    is not sharded) loaded into 2 ranks. First of all, in these fresh processes, a ZeRO-3 engine
+    from a factory: zero.Init then runs before anything has set up DeepSpeed's communication."""
+    cfg = make_config("ds3", Path(root) / "first_ds3")
+    cfg.run.seed = 77  # as in check_factory_build
+    engine = build_engine(cfg, lambda: SLAMv1LM(cfg.model), info)
+    first_ds3 = float(sum(w.double().sum() for w in engine.full_state_dict().values()))
+    del engine
     engine = new_engine(make_config("fsdp", Path(root) / "elastic_up"), info, seed=99)
     engine.load(Path(root) / "w1" / "fsdp" / "engine")
     elastic_up = {"weights": engine.full_state_dict(), "after": run_steps(engine, info, M)}
     del engine
-    return {"resume": phase_resume(info, root, variants), "elastic_up": elastic_up}
+    return {"resume": phase_resume(info, root, variants), "elastic_up": elastic_up, "first_ds3": first_ds3}
 
 
 def phase_elastic(info: Any, root: str, variants: list[str]) -> dict[str, Any]:
@@ -265,6 +272,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     b = run_distributed(phase_two_ranks_again, 2, args=(root, ALL), timeout=300)
     out["B"] = [r["resume"] for r in b]
     out["elastic_up"] = [r["elastic_up"] for r in b]
+    out["first_ds3"] = [r["first_ds3"] for r in b]
     out["D"] = run_distributed(phase_resume, 1, args=(root, ALL), timeout=300)
     return out
 
@@ -363,6 +371,8 @@ def test_factory_build_equals_eager_build(runs: dict[str, Any], variant: str) ->
             assert f["num_params"][0] == f["num_params"][1] == count_params(tiny_model_config())
             digests.append(f["weights_digest"])
     assert len(set(digests)) == 1, f"initial weights depend on the world size: {digests}"
+    if variant == "ds3":  # also when zero.Init is the first DeepSpeed call of the process
+        assert runs["first_ds3"] == [digests[0]] * 2
 
 
 @pytest.mark.parametrize("variant", ALL)

@@ -224,7 +224,11 @@ class DeepSpeedEngine(Engine):
             model.init_weights(seed=seed)
             return model
         from deepspeed import comm
+        from deepspeed.accelerator import get_accelerator
 
+        # Attach DeepSpeed's comm layer to our process group first (what deepspeed.initialize does
+        # later): zero.Init reads the world size from it to check the batch sizes and to partition.
+        comm.init_distributed(dist_backend=get_accelerator().communication_backend_name(), dist_init_required=False)
         with deepspeed.zero.Init(config_dict_or_path=self.ds_config, mem_efficient_linear=False), deferred_init():
             model = factory()
         check_initialisable(model)

@@ -531,8 +531,6 @@ def build_doc_masks(cfg: ModelConfig, plan: EFPlan, tokens: torch.Tensor) -> Doc
 Wrapper = Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor], torch.Tensor]
 PLAN_CACHE_SIZE = 8  # EF plans kept (LRU): generation and eval see many lengths, training one
 INIT_BLOCK = 1 << 20  # elements per independently seeded block of a parameter's initial values
-_TRUNK_PREFIXES = ("tok_emb.", "pos_emb.", "initial_block.", "ef_blocks_A.", "ef_blocks_B.", "final_block.",
-                   "norm_f.", "lm_head.")  # SLAMv1LM's own submodules (init_weights covers these)
 _DEFERRED_INIT: contextvars.ContextVar[bool] = contextvars.ContextVar("slam_deferred_init", default=False)
 
 
@@ -616,6 +614,9 @@ class SLAMv1LM(nn.Module):
         self._plans: OrderedDict[tuple[int, str], EFPlan] = OrderedDict()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        # The parameters init_weights owns: every one this constructor made (a tied weight once);
+        # a subclass initialises what it adds after (a classification head).
+        self._trunk_params = frozenset(name for name, _ in self.named_parameters())
         if not _DEFERRED_INIT.get():
             self.init_weights()
 
@@ -680,8 +681,7 @@ class SLAMv1LM(nn.Module):
         if self.config.tie_embeddings and self.lm_head.weight is not self.tok_emb.weight:
             self.lm_head.weight = self.tok_emb.weight
         for name, p in self.named_parameters():  # a tied weight once, under its first name (tok_emb)
-            # The trunk's parameters only: a subclass initialises what it adds (a classification head).
-            if name.startswith(_TRUNK_PREFIXES):
+            if name in self._trunk_params:  # init_spec raises for a kind it has no rule for
                 write_initial(p, lambda a, b, name=name: self.initial_values(name, a, b, seed))
 
     def ef_plan(self, n: int, device: torch.device) -> EFPlan:
