@@ -54,14 +54,11 @@ def test_fractional_layout_is_not_prefix_consistent() -> None:
         prefill(model, [x[0].tolist()], 40)
 
 
-@pytest.mark.parametrize("variant", ["rope-pre-gqa", "learned-post-layernorm-gelu", "rope-mha-post", "no-overlap"])
-def test_cache_logits_equal_full_forward(variant: str) -> None:
-    """Prefill of prompts of different lengths, then decoding past many segment boundaries: every
-    step's logits equal the full forward's at that position."""
-    model = build(**VARIANTS[variant])
-    n = 90
+def assert_cache_matches_full_forward(model: SLAMv1LM, n: int = 90) -> None:
+    """Prefill of prompts of different lengths (a single token, T < n <= S, inside an overlap),
+    then decoding past many segment boundaries: every step's logits equal the full forward's."""
     x = torch.randint(0, 64, (3, n), generator=torch.Generator().manual_seed(3))
-    lengths = [1, 10, 20]  # a single token, T < n <= S, inside an overlap
+    lengths = [1, 10, 20]
     with torch.no_grad():
         full = model(x)
         last, cache = prefill(model, [x[r, :lengths[r]].tolist() for r in range(3)], n)
@@ -75,6 +72,13 @@ def test_cache_logits_equal_full_forward(variant: str) -> None:
                                            msg=lambda m: f"row {r} position {pos[r]}: {m}")
             pos = [p + 1 for p in pos]
     assert cache.pos.tolist() == pos
+
+
+@pytest.mark.parametrize("variant", ["rope-pre-gqa", "learned-post-layernorm-gelu", "rope-mha-post", "no-overlap"])
+def test_cache_logits_equal_full_forward(variant: str) -> None:
+    """Prefill of prompts of different lengths, then decoding past many segment boundaries: every
+    step's logits equal the full forward's at that position."""
+    assert_cache_matches_full_forward(build(**VARIANTS[variant]))
 
 
 def test_ef_cache_is_bounded_by_segment_length() -> None:

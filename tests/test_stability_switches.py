@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from slam_pretrain.config import load_config
 from slam_pretrain.errors import ConfigError
 from slam_pretrain.model import ModelConfig, SLAMv1LM, count_params
-from slam_pretrain.model.kv_cache import decode_step, prefill
+from test_kv_cache import assert_cache_matches_full_forward
 from slam_pretrain.training.callbacks import ZLossCallback
 
 from train_utils import REPO, base_overrides, env_for_tests, losses, run_train
@@ -81,22 +81,11 @@ def test_qk_norm_is_prefix_consistent_and_cache_equals_full_forward(pos: str) ->
     model = build(qk_norm=True, pos_encoding=pos)
     n = 90
     x = torch.randint(0, 64, (3, n), generator=torch.Generator().manual_seed(3))
-    lengths = [1, 10, 20]  # a single token, T < n <= S, inside an overlap
     with torch.no_grad():
         full = model(x)
         for m in (1, 9, 11, 19, 47, 89):
             torch.testing.assert_close(model(x[:, :m]), full[:, :m], rtol=0, atol=1e-5)
-        last, cache = prefill(model, [x[r, :lengths[r]].tolist() for r in range(3)], n)
-        for r in range(3):
-            torch.testing.assert_close(last[r], full[r, lengths[r] - 1], rtol=0, atol=1e-5)
-        pos_ = list(lengths)
-        for _ in range(n - max(lengths)):
-            logits = decode_step(model, cache, torch.tensor([x[r, pos_[r]] for r in range(3)]))
-            for r in range(3):
-                torch.testing.assert_close(logits[r], full[r, pos_[r]], rtol=0, atol=1e-5,
-                                           msg=lambda m: f"row {r} position {pos_[r]}: {m}")
-            pos_ = [p + 1 for p in pos_]
-    assert cache.pos.tolist() == pos_
+    assert_cache_matches_full_forward(model, n)
 
 
 # -- z-loss -------------------------------------------------------------------------------------
