@@ -13,7 +13,8 @@ from slam_pretrain.engine import grad_accum_steps
 from slam_pretrain.errors import UserError
 from slam_pretrain.model import flops_per_token
 from slam_pretrain.training.callbacks import CheckpointCallback, LogCallback, ThroughputCallback, TrackingCallback
-from slam_pretrain.training.checkpoint import CheckpointManager, capture_rng, restore_rng
+from slam_pretrain.training.checkpoint import (CheckpointManager, capture_rng, rank_stream_seed, restore_rng,
+                                              seed_generators)
 from slam_pretrain.training.metrics import ConsoleSink, JsonlSink
 from slam_pretrain.training.tracking import run_params, run_tags
 from slam_pretrain.training.trainer import Callback, StopFlag, Trainer, TrainerState
@@ -41,8 +42,6 @@ def seed_all(seed: int, rank: Optional[int] = None) -> None:
     rank's stream is saved in its rank file and restored on resume; after a world-size change
     every rank starts ``rank_stream_seed(seed, rank, step)`` (``CheckpointManager.load``).
     """
-    from slam_pretrain.training.checkpoint import rank_stream_seed, seed_generators
-
     seed_generators(seed if rank is None else rank_stream_seed(seed, rank))
 
 
