@@ -110,10 +110,23 @@ class EngineConfig:
     offload_optimizer: bool = False  # DeepSpeed ZeRO optimizer offload to CPU
     device: Literal["auto", "cpu", "cuda"] = "auto"
     deepspeed_extra: dict[str, Any] = field(default_factory=dict)  # merged into the generated DS config
+    # Context parallelism: every sequence split over this many ranks (FSDP2; the world is data
+    # ranks x context ranks). 1 = off. See slam_pretrain/model/sequence_shard.py.
+    context_parallel: int = 1
 
     def validate(self, prefix: str = "engine") -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"{prefix}.zero_stage={self.zero_stage!r} is invalid: must be one of 0, 1, 2, 3")
+        if self.context_parallel < 1:
+            raise ConfigError(f"{prefix}.context_parallel={self.context_parallel!r} is invalid: must be >= 1 "
+                              "(ranks each sequence is split over; 1 = off)")
+        if self.context_parallel > 1 and self.name != "fsdp":
+            raise ConfigError(f"{prefix}.context_parallel={self.context_parallel} is invalid with "
+                              f"engine.name={self.name!r}: context parallelism runs on engine.name='fsdp'")
+        if self.context_parallel > 1 and self.compile:
+            raise ConfigError(f"{prefix}.compile=true is invalid with {prefix}.context_parallel="
+                              f"{self.context_parallel}: compiled blocks under context parallelism are not "
+                              "tested yet; set engine.compile=false")
         if self.offload_optimizer and self.name != "deepspeed":
             raise ConfigError(f"{prefix}.offload_optimizer=True is invalid: only engine.name='deepspeed' offloads")
 
@@ -247,6 +260,15 @@ class Config:
         if self.model.vocab_size > 2**32:
             raise ConfigError(f"model.vocab_size={self.model.vocab_size} is invalid: must be < 2**32")
         check_lengths(self.train.phases(), self.data.seq_len, self.model)  # each phase cuts data.seq_len rows
+        if self.engine.context_parallel > 1:  # every length trained at must split into the CP chunks
+            from slam_pretrain.model.sequence_shard import layout_problem
+
+            lengths = sorted({self.data.seq_len, *(p.seq_len for p in self.train.phases())})
+            for n in lengths:
+                problem = layout_problem(self.model, n, self.engine.context_parallel)
+                if problem is not None:
+                    key = "data.seq_len" if n == self.data.seq_len else "train.seq_len_schedule"
+                    raise ConfigError(f"{key}: {problem}")
 
     def build_engine(self, model: "ModelSource", dist: "DistInfo") -> "Engine":
         """The engine named by ``engine.name`` around ``model``: a built module (moved to

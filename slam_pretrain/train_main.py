@@ -48,9 +48,12 @@ def _loaders(cfg: Config, manifest: Any, dist: "DistInfo") -> tuple[Any, Any, Op
     """This rank's training and validation loaders, and the validation batches (None when
     train.eval_batches is 0)."""
     from data_pipeline.loader import build_loader, loader_kwargs
+    from slam_pretrain.engine.context_parallel import data_parallel
 
     t, kwargs = cfg.train, loader_kwargs(cfg.data, dist.device)  # pinned batches for a CUDA device
-    common = dict(rank=dist.rank, world_size=dist.world_size, micro_batch_size=t.micro_batch_size, seed=cfg.run.seed)
+    # Context parallelism: the ranks of one group read the same rows (each computes its chunks).
+    rank, world = data_parallel(dist.rank, dist.world_size, cfg.engine.context_parallel)
+    common = dict(rank=rank, world_size=world, micro_batch_size=t.micro_batch_size, seed=cfg.run.seed)
     loader = build_loader(manifest, split="train", **common, **kwargs)
     val_loader = build_loader(manifest, split="val", **common, **{**kwargs, "num_workers": 0})
     val_start = val_loader.state_dict()
@@ -70,7 +73,9 @@ def _model_line(cfg: Config, run: "TrainingRun") -> str:
     e = cfg.engine
     return (f"model: {count_params(cfg.model) / 1e6:.2f}M parameters | engine: {e.name}"
             f"{' zero-' + str(e.zero_stage) if e.name == 'deepspeed' else ''} {e.precision} | "
-            f"world {run.dist.world_size} | grad_accum {run.grad_accum} | device {run.dist.device}")
+            f"world {run.dist.world_size}"
+            f"{f' (data {run.dist.world_size // e.context_parallel} x context {e.context_parallel})' if e.context_parallel > 1 else ''}"
+            f" | grad_accum {run.grad_accum} | device {run.dist.device}")
 
 
 def _final_line(cfg: Config, run: "TrainingRun", status: str) -> str:

@@ -214,7 +214,8 @@ def test_retention_and_layout(killed_run: dict[str, Any]) -> None:
     listed = r["files_json"]["files"]
     assert {k: v["size"] for k, v in listed.items()} == r["on_disk"]
     assert any(k.startswith("engine/") for k in listed) and all(len(v["sha256"]) == 64 for v in listed.values())
-    assert r["engine_json"] == {"name": "fsdp", "zero_stage": None, "world_size": 1, "precision": "fp32"}
+    assert r["engine_json"] == {"name": "fsdp", "zero_stage": None, "world_size": 1, "precision": "fp32",
+                             "context_parallel": 1}
 
 
 def test_incompatible_checkpoint_errors(killed_run: dict[str, Any]) -> None:

@@ -483,7 +483,7 @@ def test_grad_accum_must_divide() -> None:
     cfg = Config()
     cfg.train.micro_batch_size, cfg.train.global_batch_size = 4, 16
     assert grad_accum_steps(cfg.train, 2) == 2
-    with pytest.raises(ConfigError, match=r"train\.global_batch_size=16.*3 process"):
+    with pytest.raises(ConfigError, match=r"train\.global_batch_size=16.*3 data-parallel rank"):
         grad_accum_steps(cfg.train, 3)
 
 

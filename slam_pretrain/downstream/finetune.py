@@ -90,6 +90,9 @@ def run_finetune(cfg: Config, init: str, resume: str = "auto") -> int:
     ft, t = cfg.finetune, cfg.train
     if not ft.train_file:
         raise UserError("finetune.train_file is not set: a JSONL file with one {text, label} object per line")
+    if cfg.engine.context_parallel > 1:  # classification reads every position of short examples
+        raise UserError(f"engine.context_parallel={cfg.engine.context_parallel} is invalid for finetune: context "
+                        "parallelism is for pretraining on long rows; set engine.context_parallel=1")
     if cfg.train.z_loss:  # the z-loss regularises the LM head's logits, which a classifier does not train
         raise UserError(f"train.z_loss={cfg.train.z_loss} is invalid for finetune: the z-loss applies to the "
                         f"language-model head's logits; set train.z_loss=0")

@@ -12,7 +12,7 @@ final blocks). Engines apply this BEFORE sharding or compiling.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -40,3 +40,24 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
                             "needs the SLAMv1LM wrapper hooks")
     model.cycle_wrapper = checkpoint_wrapper if mode in ("ef_cycles", "all") else None
     model.block_wrapper = checkpoint_wrapper if mode == "all" else None
+
+
+
+def saved_activation_bytes(fn: Callable[[], torch.Tensor], model: Optional[nn.Module] = None) -> tuple[torch.Tensor, int]:
+    """(``fn()``, the bytes of the tensors autograd saves for backward while it runs): activation
+    memory measured exactly, independent of the allocator and of other processes. Each storage is
+    counted once (views of one buffer share it); ``model``'s parameters are left out (they are in
+    memory anyway)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()} if model is not None else set()
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.device.type != "meta":
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in params:
+                seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())

@@ -58,12 +58,14 @@ def check_initialisable(model: nn.Module) -> None:
 
 
 def grad_accum_steps(train: "TrainConfig", world_size: int) -> int:
-    """global_batch / (micro_batch * world); ConfigError when it does not divide."""
+    """global_batch / (micro_batch * world); ConfigError when it does not divide. ``world_size``
+    counts data-parallel ranks (world / engine.context_parallel: a context group reads one batch)."""
     per_step = train.micro_batch_size * world_size
     if train.global_batch_size % per_step:
         raise ConfigError(
-            f"train.global_batch_size={train.global_batch_size} is invalid for {world_size} process(es): must be "
-            f"a multiple of train.micro_batch_size x world size = {train.micro_batch_size} x {world_size} = {per_step}")
+            f"train.global_batch_size={train.global_batch_size} is invalid for {world_size} data-parallel rank(s): "
+            f"must be a multiple of train.micro_batch_size x data ranks = {train.micro_batch_size} x {world_size} "
+            f"= {per_step}")
     return train.global_batch_size // per_step
 
 
@@ -75,7 +77,9 @@ class Engine(ABC):
     def __init__(self, cfg: "Config", dist_info: "DistInfo"):
         self.cfg = cfg
         self.dist = dist_info
-        self.grad_accum = grad_accum_steps(cfg.train, dist_info.world_size)
+        # The ranks of one context-parallel group share their rows: the batch is split over data ranks.
+        self.data_world = dist_info.world_size // cfg.engine.context_parallel
+        self.grad_accum = grad_accum_steps(cfg.train, self.data_world)
         self._micro = 0  # micro-batches since the last optimizer_step
         # Set when a micro-batch loss was non-finite on this rank; a device tensor, so no sync per micro-batch.
         self._loss_bad = torch.zeros((), dtype=torch.bool, device=dist_info.device)
@@ -119,7 +123,8 @@ class Engine(ABC):
         """What ``engine.json`` records: {"name", "zero_stage", "world_size", "precision"}."""
         e = self.cfg.engine
         return {"name": self.name, "zero_stage": e.zero_stage if self.name == "deepspeed" else None,
-                "world_size": self.dist.world_size, "precision": e.precision}
+                "world_size": self.dist.world_size, "precision": e.precision,
+                "context_parallel": e.context_parallel}
 
     @property
     @abstractmethod

@@ -73,7 +73,13 @@ class FSDPEngine(Engine):
         # under the same keys), so it reshards to any world size. bf16 keeps fully_shard for its
         # MixedPrecisionPolicy (bf16 compute copies of fp32 parameters, fp32 gradient reduction).
         self.sharded = dist_info.world_size > 1 or _DTYPES[e.precision] is not None
+        if e.context_parallel > 1:  # the (data x context) mesh; the model computes its chunks only
+            from slam_pretrain.engine.context_parallel import apply_context_parallel, build_mesh
+
+            apply_context_parallel(model, build_mesh(dist_info, e.context_parallel))
         if self.sharded:
+            # Parameters are sharded over every rank, context ranks included (torchtitan's flattened
+            # dp_shard x cp), and gradients averaged over them all (see engine/context_parallel.py).
             mesh = init_device_mesh(self.device.type, (dist_info.world_size,))
             mp = MixedPrecisionPolicy(param_dtype=_DTYPES[e.precision], reduce_dtype=torch.float32)
             for block in blocks_of(model):

@@ -274,6 +274,8 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 
 
 Rope = Optional[torch.Tensor]  # complex RoPE factors [k, 1, L, hd/2] (see apply_rope); None: learned positions
+# (q [b, H, L, hd], k, v [b, Hkv, L, hd], dropout_p, gqa) -> [b, H, L, hd]: context parallelism's attention
+ContextAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, bool], torch.Tensor]
 
 
 @dataclass
@@ -321,13 +323,17 @@ class CausalSelfAttention(nn.Module):
         return q, k, v
 
     def forward(self, x: torch.Tensor, rope: Rope, kv: Optional[KVSlot] = None,
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                mask: Optional[torch.Tensor] = None, context: Optional[ContextAttention] = None) -> torch.Tensor:
         """``mask`` [b, 1, L, L] bool (True = may attend): document masking's causal same-document
-        mask; None is plain causal attention (is_causal: the flash / fused kernels)."""
+        mask; None is plain causal attention (is_causal: the flash / fused kernels). ``context``:
+        context parallelism's attention over the whole sequence for this rank's queries
+        (sequence_shard.GatheredAttention: it gathers the other ranks' keys and values)."""
         b, L, d = x.shape  # [b, L, D]
         q, k, v = self.project(x, rope)
         gqa = self.n_kv != self.n_heads
-        if kv is None:
+        if context is not None:
+            y = context(q, k, v, self.dropout if self.training else 0.0, gqa)  # [b, H, L, hd]
+        elif kv is None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
                                                is_causal=mask is None, enable_gqa=gqa)  # [b, H, L, hd]
         else:  # one new token per row (L = 1): store its k/v, attend to the row's valid slots
@@ -371,11 +377,11 @@ class EncoderBlock(nn.Module):
         self.norm2, self.ffn = make_norm(cfg), FeedForward(cfg)
 
     def forward(self, x: torch.Tensor, rope: Rope = None, kv: Optional[KVSlot] = None,
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                mask: Optional[torch.Tensor] = None, context: Optional[ContextAttention] = None) -> torch.Tensor:
         if self.pre_norm:
-            x = x + self.attn(self.norm1(x), rope, kv, mask)
+            x = x + self.attn(self.norm1(x), rope, kv, mask, context)
             return x + self.ffn(self.norm2(x))
-        x = self.norm1(x + self.attn(x, rope, kv, mask))
+        x = self.norm1(x + self.attn(x, rope, kv, mask, context))
         return self.norm2(x + self.ffn(x))
 
     def keys_values(self, x: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
@@ -426,6 +432,11 @@ class EFPlan:
     rope_full: Rope  # [1, 1, n, hd/2] for the full blocks (None: learned positions)
     rope_even: Rope  # [K_even, 1, pad, hd/2], each slot's global position
     rope_odd: Rope  # [K_odd, 1, pad, hd/2]
+    # Context parallelism's chunk plans (sequence_shard.build_chunk_plan): the first local segment
+    # is a global odd one (so B runs the local even batch and A the odd one), and the outputs are
+    # partial sums of a chunk, weighted even when one segment holds the whole chunk.
+    odd_first: bool = False
+    partial: bool = False
 
 
 def build_ef_plan(cfg: "ModelConfig", n: int, device: torch.device) -> EFPlan:
@@ -508,10 +519,18 @@ class DocMasks:
 def build_doc_masks(cfg: ModelConfig, plan: EFPlan, tokens: torch.Tensor) -> DocMasks:
     """The DocMasks of ``tokens`` [B, N] under cfg.doc_masking (and cfg.doc_position_reset)."""
     doc, pos = document_ids(tokens, cfg.eos_id)
+    return doc_masks_from_ids(cfg, plan, doc, pos)
+
+
+def doc_masks_from_ids(cfg: ModelConfig, plan: EFPlan, doc: torch.Tensor, pos: torch.Tensor,
+                       full: Optional[torch.Tensor] = None) -> DocMasks:
+    """The DocMasks of the positions ``plan`` covers, from their document ids and in-document
+    positions (``document_ids``), each [B, plan.n]. ``full``: the full blocks' mask when the caller
+    has it (context parallelism builds its own), else built here."""
     if plan.k_odd == 0:  # one segment holds the sequence (P = N): it is the full blocks' mask
-        even = odd = full = same_document_causal(doc)
+        even = odd = full = same_document_causal(doc) if full is None else full
     else:
-        full = same_document_causal(doc)
+        full = same_document_causal(doc) if full is None else full
         doc_even, doc_odd = segment_batches(doc[:, :, None], plan)  # [B*K, P, 1]: slices of doc
         even, odd = same_document_causal(doc_even[..., 0]), same_document_causal(doc_odd[..., 0])
     masks = DocMasks(full, even, odd, None, plan.rope_full, plan.rope_even, plan.rope_odd)
@@ -611,7 +630,10 @@ class SLAMv1LM(nn.Module):
         # objective, not of the architecture: no ModelConfig field, nothing in exports). 0 = off.
         self.z_loss: float = 0.0
         self.z_loss_stats: Optional[torch.Tensor] = None  # [2] fp64: sum of lse^2, tokens (see _z_term)
-        self._plans: OrderedDict[tuple[int, str], EFPlan] = OrderedDict()
+        self._plans: OrderedDict[tuple, EFPlan] = OrderedDict()
+        # Context parallelism (set by the engine, slam_pretrain/engine/context_parallel.py): this
+        # rank computes only its chunks of every sequence (model/sequence_shard.py). None: all of it.
+        self.sequence_shard = None
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         # The parameters init_weights owns: every one this constructor made (a tied weight once);
@@ -686,15 +708,23 @@ class SLAMv1LM(nn.Module):
 
     def ef_plan(self, n: int, device: torch.device) -> EFPlan:
         """The plan for length n, from a small LRU cache (memory does not grow with lengths seen)."""
+        return self._cached_plan((n, str(device)), lambda: build_ef_plan(self.config, n, device))
+
+    def chunk_plan(self, n: int, a: int, b: int, device: torch.device) -> EFPlan:
+        """Context parallelism: the plan of chunk [a, b) of a length-n sequence (same LRU cache)."""
+        from slam_pretrain.model.sequence_shard import build_chunk_plan
+
+        return self._cached_plan((n, a, b, str(device)), lambda: build_chunk_plan(self.config, n, a, b, device))
+
+    def _cached_plan(self, key: tuple, build: Callable[[], EFPlan]) -> EFPlan:
         if getattr(self, "_plans_rope", None) != self.config.rope_key:
             # New RoPE settings on this model (a context-extension phase): every cached plan holds
             # factors of the old ones, so none may be reused.
             self._plans.clear()
             self._plans_rope = self.config.rope_key
-        key = (n, str(device))
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._plans[key] = build_ef_plan(self.config, n, device)
+            plan = self._plans[key] = build()
             while len(self._plans) > PLAN_CACHE_SIZE:
                 self._plans.popitem(last=False)
         else:
@@ -706,8 +736,12 @@ class SLAMv1LM(nn.Module):
         ``docs``: document masking's per-segment masks (and RoPE factors), else plain causal."""
         rope_full, rope_even, rope_odd = (plan.rope_full, plan.rope_even, plan.rope_odd) if docs is None else (
             docs.rope_full, docs.rope_even, docs.rope_odd)
-        if plan.k_odd == 0:  # one segment holds the whole sequence
-            return self.ef_blocks_A[i](x, rope_full, mask=None if docs is None else docs.full)
+        # Even batch to A, odd to B (swapped in a context-parallel chunk that starts at an odd segment).
+        block_even, block_odd = ((self.ef_blocks_B[i], self.ef_blocks_A[i]) if plan.odd_first
+                                 else (self.ef_blocks_A[i], self.ef_blocks_B[i]))
+        if plan.k_odd == 0:  # one segment holds the whole sequence (or chunk)
+            y = block_even(x, rope_full, mask=None if docs is None else docs.full)
+            return y * plan.weight.to(y.dtype) if plan.partial else y
         b, n, d = x.shape
         t, p, ke, ko = plan.stride, plan.pad, plan.k_even, plan.k_odd
         span = max(ke, ko + 1) * 2 * t  # room for both batches' periods (odd ones start at T)
@@ -716,8 +750,8 @@ class SLAMv1LM(nn.Module):
             return h[:, start:start + k * 2 * t].view(b, k, 2 * t, d)
 
         xe, xo = segment_batches(x, plan)  # [B*K_even, P, D], [B*K_odd, P, D]: zero padding past N
-        ye = self.ef_blocks_A[i](xe, rope_even, mask=None if docs is None else docs.even).view(b, ke, p, d)
-        yo = self.ef_blocks_B[i](xo, rope_odd, mask=None if docs is None else docs.odd).view(b, ko, p, d)
+        ye = block_even(xe, rope_even, mask=None if docs is None else docs.even).view(b, ke, p, d)
+        yo = block_odd(xo, rope_odd, mask=None if docs is None else docs.odd).view(b, ko, p, d)
         # Back to positions, in place in one buffer (no concatenation), then the fusion mean.
         out = ye.new_zeros(b, span, d)
         periods(out, 0, ke)[:, :, :p] = ye
@@ -735,6 +769,8 @@ class SLAMv1LM(nn.Module):
         b, n = tokens.shape
         if n > cfg.max_seq_len:
             raise UserError(f"sequence length {n} is longer than model.max_seq_len={cfg.max_seq_len}")
+        if self.sequence_shard is not None:
+            return self._sharded_features(tokens, hidden)
         plan = self.ef_plan(n, tokens.device)
         # Document masking: masks (and per-row positions) from the tokens, once for every block.
         docs = build_doc_masks(cfg, plan, tokens) if cfg.doc_masking else None
@@ -755,21 +791,50 @@ class SLAMv1LM(nn.Module):
         x = run(self.block_wrapper, lambda h: self.final_block(h, rope_full, mask=full_mask), x)
         return self.norm_f(x)
 
+    def _sharded_features(self, tokens: torch.Tensor, hidden: Optional[list[torch.Tensor]]) -> torch.Tensor:
+        """``features`` under context parallelism: tokens [B, N] (the whole rows, on every rank of
+        the group) -> this rank's positions only, [B, 2C, D] (model/sequence_shard.py)."""
+        from slam_pretrain.model import sequence_shard as cp
+
+        fwd, idx, row_pos = cp.prepare(self, tokens)
+        x = self.tok_emb(tokens[:, idx])  # [B, 2C, D]
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(idx if row_pos is None else row_pos)
+        x = self.drop(x)
+        rope = cp.rope_for(self.config, idx, row_pos)
+
+        def run(wrapper: Optional[Wrapper], fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor):
+            if hidden is not None:
+                hidden.append(x)
+            return fn(x) if wrapper is None else wrapper(fn, x)
+
+        x = run(self.block_wrapper, lambda h: self.initial_block(h, rope, context=fwd.attention), x)
+        for i in range(self.config.ef_cycles):
+            x = run(self.cycle_wrapper, lambda h, i=i: cp.ef_cycle(self, i, h, fwd), x)
+        x = run(self.block_wrapper, lambda h: self.final_block(h, rope, context=fwd.attention), x)
+        return self.norm_f(x)
+
     def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None,
                 hidden: Optional[list[torch.Tensor]] = None):
         """tokens [B, N] -> logits [B, N, V], or (logits, mean CE loss) when targets are given
         (``hidden``: see ``features``). With ``self.z_loss`` > 0 in training mode the loss's
         gradient also holds the z-loss, while its value stays the CE (see ``_z_term``)."""
-        logits = self.lm_head(self.features(tokens, hidden))  # [B, N, V]
+        logits = self.lm_head(self.features(tokens, hidden))  # [B, N, V] ([B, 2C, V] under context parallelism)
         if targets is None:
             return logits
+        denom = None
+        if self.sequence_shard is not None:  # this rank's targets; the loss is a share of the row's mean
+            targets, denom = self.sequence_shard.local_targets(targets)
         flat, targets = logits.float().view(-1, logits.size(-1)), targets.reshape(-1)  # [B*N, V], [B*N]
-        loss = F.cross_entropy(flat, targets, ignore_index=-100)
+        if denom is None:
+            loss = F.cross_entropy(flat, targets, ignore_index=-100)
+        else:
+            loss = F.cross_entropy(flat, targets, ignore_index=-100, reduction="sum") / denom
         if self.z_loss and self.training:
-            loss = loss + self._z_term(flat, targets)
+            loss = loss + self._z_term(flat, targets, denom)
         return logits, loss
 
-    def _z_term(self, flat: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _z_term(self, flat: torch.Tensor, targets: torch.Tensor, denom: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The z-loss (PaLM, Chowdhery et al. 2022): z_loss * mean(logsumexp(logits)^2) over the
         tokens whose target is not -100. It pulls log Z towards 0 so the softmax normaliser cannot
         drift (large logits lose precision in bf16 and blow up late in long runs).
@@ -783,7 +848,7 @@ class SLAMv1LM(nn.Module):
         keep = targets != -100  # [B*N]
         lse2 = torch.where(keep, torch.logsumexp(flat, dim=-1), 0.0).square()  # [B*N]; 0 where ignored
         count = keep.sum()
-        z = self.z_loss * lse2.sum() / count.clamp(min=1)
+        z = self.z_loss * lse2.sum() / (count.clamp(min=1) if denom is None else denom)
         stats = torch.stack([lse2.sum().detach(), count.to(lse2.dtype)]).double()  # no host sync
         self.z_loss_stats = stats if self.z_loss_stats is None else self.z_loss_stats + stats
         return z - z.detach()

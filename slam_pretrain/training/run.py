@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from slam_pretrain.distributed import destroy, init_distributed
 from slam_pretrain.engine import grad_accum_steps
+from slam_pretrain.engine.context_parallel import data_parallel
 from slam_pretrain.errors import UserError
 from slam_pretrain.model import flops_per_token
 from slam_pretrain.training.callbacks import CheckpointCallback, LogCallback, ThroughputCallback, TrackingCallback
@@ -105,7 +106,8 @@ class TrainingRun:
         """Join the process group, check the batch arithmetic and out_dir (one line each if wrong)
         before the model is built, and seed every rank with ``run.seed``."""
         dist = init_distributed(cfg.engine.device)
-        grad_accum = grad_accum_steps(cfg.train, dist.world_size)  # the engine computes the same
+        data_world = data_parallel(dist.rank, dist.world_size, cfg.engine.context_parallel)[1]
+        grad_accum = grad_accum_steps(cfg.train, data_world)  # the engine computes the same
         ckpt = cfg.checkpoint.build(Path(cfg.run.out_dir), dist)  # creates out_dir, checks it is writable
         seed_all(cfg.run.seed)
         return cls(cfg, stop_flag, dist, ckpt, grad_accum)
