@@ -57,6 +57,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(cfg.to_yaml(), end="")
         print("---")
         print(model_summary(cfg.model, cfg.data.seq_len))
+        k = cfg.engine.context_parallel
+        if k > 1:  # what each rank of a context group computes (model/sequence_shard.py)
+            n = cfg.data.seq_len
+            s, o = cfg.model.segment_layout(n)
+            print(f"  context parallel {k}: each row in {2 * k} chunks of {n // (2 * k)} tokens, rank r computes "
+                  f"chunks r and {2 * k - 1}-r ({n // k} tokens); EF halo {o} tokens per chunk edge")
         return 0
     from slam_pretrain.train_main import run_training
 

@@ -7,7 +7,8 @@
    the bytes autograd saves for backward).
 3. Through the real CLI (FSDP2): CP=2 gives the per-step losses and gradient norms of CP=1 (1e-5),
    with document masking on; a run killed after a checkpoint and resumed is bitwise the straight
-   CP run; a 2 x 2 (data x context) mesh matches 2 data ranks.
+   CP run; a CP=2 checkpoint resumed without CP continues as the CP=1 run; a 2 x 2 (data x
+   context) mesh matches 2 data ranks.
 4. Mistakes are one line: DeepSpeed, compile, a length that does not split, a world that K does
    not divide.
 """
@@ -172,6 +173,14 @@ def test_cli_context_parallel_matches_one_process_and_resumes_exactly(tmp_path, 
     assert losses(killed) == losses(straight)  # bitwise
     engine_json = json.loads((killed / "checkpoints" / f"step_{steps:08d}" / "engine.json").read_text())
     assert engine_json["context_parallel"] == 2
+
+    # Another K: the CP=2 checkpoint at step k, resumed by one process without CP, continues as CP=1 did.
+    other = tmp_path / "cp2_to_cp1"
+    r = run_train(1, _args(tiny_manifest, other, 1, **kw), resume=str(straight / "checkpoints" / f"step_{k:08d}"))
+    _ok(r)
+    assert f"resumed from step {k} (" in r.stdout
+    after, want = _records(other), _records(one)
+    _close({s: after[s] for s in range(k + 1, steps + 1)}, {s: want[s] for s in range(k + 1, steps + 1)})
 
 
 def test_cli_data_by_context_mesh_matches_data_parallel(tmp_path, tiny_manifest):

@@ -274,7 +274,8 @@ def test_reference_config_is_the_prototype() -> None:
 
 def test_shipped_config_names() -> None:
     names = {p.name for p in CONFIGS.glob("*.yaml")}
-    assert {"slam_v1_reference.yaml", "slam_125m.yaml", "slam_1b.yaml", "long_context_32k.yaml"} <= names
+    assert {"slam_v1_reference.yaml", "slam_125m.yaml", "slam_1b.yaml", "long_context_32k.yaml",
+            "long_context_128k.yaml"} <= names
 
 
 def test_rope_scaling_interpolates_positions() -> None:
