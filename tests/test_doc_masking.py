@@ -13,6 +13,13 @@ a function of its own tokens and its offset, never of the other documents. The t
   parity) and position reset, it equals the document run alone from position 0, exactly as a
   document in generation; without reset learned positions make it differ;
 - masking off: documents still see each other, and masking on a row without EOS changes nothing.
+
+The full blocks' FlexAttention path (slam_v1.doc_mask_flex; on CUDA from 2048 tokens on) is forced
+on the CPU, where it runs eager and forward only (no FlexAttention backward there): its logits equal
+the boolean masks' (MHA, GQA, position reset, one segment spanning the row), packed documents still
+equal the documents alone, the BlockMask is the boolean mask tile for tile and skips tiles between
+documents, no [B, 1, N, N] mask is built, and under context parallelism (CP=2, gloo) each rank's
+logits and the loss equal the unsharded model's.
 """
 
 from __future__ import annotations
@@ -21,11 +28,13 @@ import json
 
 import pytest
 import torch
+from torch.nn.attention.flex_attention import BlockMask, create_mask
 
 from slam_pretrain.errors import ConfigError, UserError
-from slam_pretrain.model import ModelConfig, SLAMv1LM
+from slam_pretrain.model import ModelConfig, SLAMv1LM, slam_v1
 from slam_pretrain.model.kv_cache import prefill
-from slam_pretrain.model.slam_v1 import document_ids
+from slam_pretrain.model.slam_v1 import doc_mask_flex, document_block_mask, document_ids, same_document_causal
+from dist_utils import run_distributed
 from train_utils import base_overrides, losses, run_train
 
 EOS = 3
@@ -84,6 +93,10 @@ def test_full_attention_packed_row_equals_each_document_alone(pos_encoding: str)
 @pytest.mark.parametrize("pos_encoding", ["rope", "learned"])
 @pytest.mark.parametrize("reset", [False, True])
 def test_ef_packed_row_equals_each_document_alone_at_its_offset(pos_encoding: str, reset: bool) -> None:
+    check_ef_documents_alone_at_their_offsets(pos_encoding, reset)
+
+
+def check_ef_documents_alone_at_their_offsets(pos_encoding: str, reset: bool) -> None:
     # S=16, O=4, T=12: segments [0,16) [12,28) [24,40) [36,52) [48,64) [60,76); overlaps [12,16) [24,28) ...
     m = build(pos_encoding=pos_encoding, doc_position_reset=reset)
     lengths = [11, 13, 13, 3, 8, 24]  # offsets 0, 11, 24, 37 (3 tokens inside the overlap [36,40)), 40, 48
@@ -182,3 +195,150 @@ def test_training_steps_with_doc_masking_through_the_cli(tiny_manifest, tmp_path
     # A EOS in this dataset really splits rows: the tokenizer prepare trained ends documents with id 3.
     manifest = json.loads(tiny_manifest.read_text())
     assert manifest["tokenizer"]["eos_id"] == EOS
+
+
+# -- the full blocks through FlexAttention ----------------------------------------------------------
+
+FLEX_WARNING = "ignore:flex_attention called without torch.compile"  # eager on the CPU: expected here
+
+
+@pytest.fixture
+def flex(monkeypatch):
+    """Force the FlexAttention path (as SLAM_DOC_MASK_FLEX=on would) and count its attention calls."""
+    monkeypatch.setattr(slam_v1, "DOC_MASK_FLEX", "on")
+    calls = []
+    real = slam_v1.flex_attend
+    monkeypatch.setattr(slam_v1, "flex_attend", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
+    return calls
+
+
+def packed_row() -> list[int]:
+    lengths = [11, 13, 13, 3, 8, 24]  # as in the EF test: documents across segment edges, one inside an overlap
+    return sum((doc(n, 10 + i, eos=i < len(lengths) - 1) for i, n in enumerate(lengths)), [])
+
+
+@pytest.mark.filterwarnings(FLEX_WARNING)
+@pytest.mark.parametrize("kw", [dict(num_kv_heads=4), dict(), dict(doc_position_reset=True),
+                                dict(doc_position_reset=True, pos_encoding="learned"),
+                                dict(segment_len=128, overlap=0)],
+                         ids=["mha", "gqa", "reset-rope", "reset-learned", "one-segment"])
+def test_flex_logits_equal_the_boolean_masks(flex, monkeypatch, kw) -> None:
+    m = build(**kw)
+    rows = torch.tensor([packed_row(), doc(30, 7) + doc(42, 8, eos=False)])  # [2, 72]: rows differ
+    n = rows.shape[1]
+    monkeypatch.setattr(slam_v1, "DOC_MASK_FLEX", "off")
+    with torch.no_grad():
+        want = m(rows)
+    sizes = []  # every boolean mask the flex forward builds: EF segments only, never [N, N]
+    monkeypatch.setattr(slam_v1, "same_document_causal", lambda d: sizes.append(d.shape[1]) or same_document_causal(d))
+    monkeypatch.setattr(slam_v1, "DOC_MASK_FLEX", "on")
+    with torch.no_grad():
+        got = m(rows)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    one_segment = m.ef_plan(n, torch.device("cpu")).k_odd == 0
+    # Initial and final blocks, and each EF cycle's one block call when one segment spans the row.
+    assert len(flex) == (2 + m.config.ef_cycles if one_segment else 2), flex
+    assert n not in sizes and (one_segment or sizes), sizes
+
+
+@pytest.mark.filterwarnings(FLEX_WARNING)
+def test_flex_packed_documents_equal_each_document_alone(flex) -> None:
+    check_ef_documents_alone_at_their_offsets("rope", reset=False)  # as configs/long_context_32k.yaml
+    assert flex  # the full blocks did run through FlexAttention
+
+
+def test_block_mask_is_the_boolean_mask_and_skips_tiles_between_documents() -> None:
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(4, V, (2, 300), generator=g)
+    tokens[0, [40, 41, 170, 299]] = EOS
+    tokens[1, [127]] = EOS  # row 1: documents [0, 128) and [128, 300), on a 128-token tile edge
+    d, _ = document_ids(tokens, EOS)
+    full = document_block_mask(d)  # [2, 1, 300, 300]
+    assert torch.equal(create_mask(full.mask_mod, 2, 1, 300, 300, device="cpu"), same_document_causal(d))
+    a, b = 100, 200  # a context-parallel chunk: queries [a, b) against keys [0, b), lower-right causal
+    chunk = document_block_mask(d, a, b)
+    causal = torch.ones(b - a, b, dtype=torch.bool).tril(diagonal=a)
+    want = ((d[:, a:b, None] == d[:, None, :b]) & causal)[:, None]
+    assert chunk.shape == (2, 1, b - a, b)
+    assert torch.equal(create_mask(chunk.mask_mod, 2, 1, b - a, b, device="cpu"), want)
+    # The 128 x 128 tiles FlexAttention computes ([B, 1, 3, 3] query x key tiles): the causal upper
+    # triangle is skipped, and so is every tile between different documents (row 0: query tile 2 is
+    # all in the document [171, 300), key tile 0 in others; row 1: its documents meet on a tile edge).
+    tiles = full.to_dense()[:, 0].bool()
+    assert tiles[0].tolist() == [[True, False, False], [True, True, False], [False, True, True]]
+    assert tiles[1].tolist() == [[True, False, False], [False, True, False], [False, True, True]]
+
+
+def test_the_flex_rule(monkeypatch) -> None:
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert slam_v1.DOC_MASK_FLEX_MIN_LEN == 2048
+    monkeypatch.setattr(slam_v1, "DOC_MASK_FLEX", "auto")
+    assert doc_mask_flex(2048, cuda, 0.0) and not doc_mask_flex(2047, cuda, 0.0)
+    assert not doc_mask_flex(32768, cpu, 0.0)
+    assert not doc_mask_flex(32768, cuda, 0.1)  # FlexAttention has no dropout: boolean masks
+    monkeypatch.setattr(slam_v1, "DOC_MASK_FLEX", "on")
+    assert doc_mask_flex(16, cpu, 0.0) and not doc_mask_flex(16, cpu, 0.1)
+    monkeypatch.setattr(slam_v1, "DOC_MASK_FLEX", "off")
+    assert not doc_mask_flex(32768, cuda, 0.0)
+    monkeypatch.setattr(slam_v1, "DOC_MASK_FLEX", "yes")
+    with pytest.raises(UserError, match="SLAM_DOC_MASK_FLEX='yes' is invalid: auto, on or off"):
+        doc_mask_flex(16, cpu, 0.0)
+
+
+@pytest.mark.filterwarnings(FLEX_WARNING)
+def test_flex_forced_with_dropout_trains_through_the_boolean_masks(flex) -> None:
+    m = build(dropout=0.1).train()
+    x = torch.tensor([doc(20, 1) + doc(30, 2, eos=False)])
+    m(x).sum().backward()  # FlexAttention has neither dropout nor a CPU backward: this is the SDPA path
+    assert not flex
+    with torch.no_grad():
+        m.eval()(x)
+    assert len(flex) == 2  # in eval, no dropout: the forced FlexAttention path
+
+
+# (name, model overrides, sequence length) for context parallelism: chunks of C = N / 4 tokens.
+CP_CASES = [
+    ("gqa", dict(segment_len=12, overlap=4, num_kv_heads=2), 64),  # two EF segments per chunk
+    ("reset-one-segment-chunks", dict(segment_len=12, overlap=4, doc_position_reset=True), 32),  # C = T
+]
+
+
+def _cp2_flex_matches_unsharded(info, cases):
+    """On each rank: CP=2 through FlexAttention against the unsharded model through boolean masks,
+    forward only (no FlexAttention backward on the CPU): this rank's logits and the mean loss."""
+    import torch.distributed as dist
+
+    from slam_pretrain.engine.context_parallel import apply_context_parallel, build_mesh
+    from slam_pretrain.model import sequence_shard
+    from test_context_parallel import _batch, _tiny
+
+    mesh = build_mesh(info, 2)
+    out = {}
+    for name, kw, n in cases:
+        ref = SLAMv1LM(_tiny(doc_masking=True, **kw))
+        ref.init_weights(seed=1)  # the same weights on both ranks
+        model = SLAMv1LM(_tiny(doc_masking=True, **kw))
+        model.load_state_dict(ref.state_dict())
+        shard = apply_context_parallel(model, mesh)
+        tokens, targets = _batch(n)
+        with torch.no_grad():
+            slam_v1.DOC_MASK_FLEX = "off"
+            ref_logits, ref_loss = ref(tokens, targets)
+            slam_v1.DOC_MASK_FLEX = "on"
+            fwd, _, _ = sequence_shard.prepare(model, tokens)
+            assert all(isinstance(m, BlockMask) for m in fwd.attention.masks)
+            logits, loss = model(tokens, targets)
+        mean_loss = loss.clone()
+        dist.all_reduce(mean_loss)
+        want = ref_logits[:, shard.positions(n, tokens.device)]  # this rank's positions
+        out[name] = {"logits_err": (logits - want).abs().max().item(),
+                     "loss_err": abs(mean_loss.item() / 2 - ref_loss.item()) / ref_loss.item()}
+    return out
+
+
+def test_context_parallel_flex_matches_the_unsharded_model() -> None:
+    results = run_distributed(_cp2_flex_matches_unsharded, world_size=2, args=(CP_CASES,),
+                              env={"PYTHONWARNINGS": "ignore"})
+    for rank in results:
+        for name, r in rank.items():
+            assert r["logits_err"] < 1e-5 and r["loss_err"] < 1e-5, (name, r)

@@ -29,10 +29,11 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask
 
 from slam_pretrain.errors import UserError
-from slam_pretrain.model.slam_v1 import (DocMasks, EFPlan, doc_masks_from_ids, document_ids, rope_freqs,
-                                         same_document_causal)
+from slam_pretrain.model.slam_v1 import (AttnMask, DocMasks, EFPlan, doc_mask_flex, doc_masks_from_ids,
+                                         document_block_mask, document_ids, flex_attend, rope_freqs)
 
 if TYPE_CHECKING:
     from slam_pretrain.model.slam_v1 import ModelConfig, SLAMv1LM
@@ -105,10 +106,12 @@ class SequenceShard:
 class GatheredAttention:
     """The full blocks' attention under context parallelism: local queries, gathered keys/values."""
 
-    def __init__(self, shard: SequenceShard, n: int, masks: Optional[list[torch.Tensor]]):
+    def __init__(self, shard: SequenceShard, n: int, masks: Optional[list[AttnMask]]):
         self.shard, self.n = shard, n
         self.chunks = shard.chunks(n)
-        self.masks = masks  # per local chunk [B, 1, C, b] bool (document masking), else causal
+        # Per local chunk (document masking): [B, 1, C, b] bool, or the BlockMask of queries [a, b)
+        # against keys [0, b) at large N (slam_v1.doc_mask_flex); None: plain causal.
+        self.masks = masks
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float, gqa: bool) -> torch.Tensor:
         """q [B, H, 2C, hd], k/v [B, Hkv, 2C, hd] -> [B, H, 2C, hd]."""
@@ -119,6 +122,9 @@ class GatheredAttention:
         for i, (a, b) in enumerate(self.chunks):
             qi = q[:, :, i * c:(i + 1) * c]  # [B, H, C, hd]
             ki, vi = k_all[:, :, :b], v_all[:, :, :b]  # keys [0, b): query a + j sees keys <= a + j
+            if self.masks is not None and isinstance(self.masks[i], BlockMask):
+                out.append(flex_attend(qi, ki, vi, self.masks[i], dropout, gqa))  # [B, H, C, hd]
+                continue
             if self.masks is not None:
                 mask = self.masks[i]
             elif q.device.type == "cuda":  # lower-right causal without a mask: flash / efficient kernels
@@ -188,13 +194,17 @@ def prepare(model: "SLAMv1LM", tokens: torch.Tensor) -> tuple[ShardedForward, to
     masks, row_pos = None, None
     if cfg.doc_masking:
         doc, pos = document_ids(tokens, cfg.eos_id)  # [B, N] each: whole rows, no communication
+        flex = doc_mask_flex(n, tokens.device, cfg.dropout if model.training else 0.0)  # the unsharded rule, at N
         masks = []
         for i, ((a, b), plan) in enumerate(zip(chunks, plans)):
-            causal = torch.ones(b - a, b, dtype=torch.bool, device=tokens.device).tril(diagonal=a)
-            masks.append(((doc[:, a:b, None] == doc[:, None, :b]) & causal)[:, None])  # [B, 1, C, b]
+            if flex:
+                masks.append(document_block_mask(doc, a, b))
+            else:
+                causal = torch.ones(b - a, b, dtype=torch.bool, device=tokens.device).tril(diagonal=a)
+                masks.append(((doc[:, a:b, None] == doc[:, None, :b]) & causal)[:, None])  # [B, 1, C, b]
             e = a + plan.n
-            docs[i] = doc_masks_from_ids(cfg, plan, doc[:, a:e], pos[:, a:e],
-                                         full=same_document_causal(doc[:, a:e]) if plan.k_odd == 0 else None)
+            # The chunk's EF segments: bool masks (no full-chunk mask: GatheredAttention is the full one).
+            docs[i] = doc_masks_from_ids(cfg, plan, doc[:, a:e], pos[:, a:e], full=None)
         if cfg.doc_position_reset:
             row_pos = pos[:, idx]
     fwd = ShardedForward(shard, n, n // (2 * shard.size), o, plans, docs, GatheredAttention(shard, n, masks))

@@ -25,6 +25,7 @@ import contextlib
 import contextvars
 import hashlib
 import math
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterator, Literal, Optional, Union
@@ -32,6 +33,7 @@ from typing import Callable, Iterator, Literal, Optional, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from slam_pretrain.errors import ConfigError, UserError
 
@@ -274,6 +276,9 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 
 
 Rope = Optional[torch.Tensor]  # complex RoPE factors [k, 1, L, hd/2] (see apply_rope); None: learned positions
+# Document masking's masks: a bool [b, 1, L, L] tensor (True = may attend), or a FlexAttention
+# BlockMask of the same rule for the full blocks at large N (see doc_mask_flex).
+AttnMask = Union[torch.Tensor, BlockMask]
 # (q [b, H, L, hd], k, v [b, Hkv, L, hd], dropout_p, gqa) -> [b, H, L, hd]: context parallelism's attention
 ContextAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, bool], torch.Tensor]
 
@@ -323,9 +328,10 @@ class CausalSelfAttention(nn.Module):
         return q, k, v
 
     def forward(self, x: torch.Tensor, rope: Rope, kv: Optional[KVSlot] = None,
-                mask: Optional[torch.Tensor] = None, context: Optional[ContextAttention] = None) -> torch.Tensor:
-        """``mask`` [b, 1, L, L] bool (True = may attend): document masking's causal same-document
-        mask; None is plain causal attention (is_causal: the flash / fused kernels). ``context``:
+                mask: Optional[AttnMask] = None, context: Optional[ContextAttention] = None) -> torch.Tensor:
+        """``mask``: document masking's causal same-document mask, [b, 1, L, L] bool (True = may
+        attend) through SDPA or a BlockMask through FlexAttention; None is plain causal attention
+        (is_causal: the flash / fused kernels). ``context``:
         context parallelism's attention over the whole sequence for this rank's queries
         (sequence_shard.GatheredAttention: it gathers the other ranks' keys and values)."""
         b, L, d = x.shape  # [b, L, D]
@@ -333,6 +339,8 @@ class CausalSelfAttention(nn.Module):
         gqa = self.n_kv != self.n_heads
         if context is not None:
             y = context(q, k, v, self.dropout if self.training else 0.0, gqa)  # [b, H, L, hd]
+        elif isinstance(mask, BlockMask):
+            y = flex_attend(q, k, v, mask, self.dropout if self.training else 0.0, gqa)  # [b, H, L, hd]
         elif kv is None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
                                                is_causal=mask is None, enable_gqa=gqa)  # [b, H, L, hd]
@@ -377,7 +385,7 @@ class EncoderBlock(nn.Module):
         self.norm2, self.ffn = make_norm(cfg), FeedForward(cfg)
 
     def forward(self, x: torch.Tensor, rope: Rope = None, kv: Optional[KVSlot] = None,
-                mask: Optional[torch.Tensor] = None, context: Optional[ContextAttention] = None) -> torch.Tensor:
+                mask: Optional[AttnMask] = None, context: Optional[ContextAttention] = None) -> torch.Tensor:
         if self.pre_norm:
             x = x + self.attn(self.norm1(x), rope, kv, mask, context)
             return x + self.ffn(self.norm2(x))
@@ -497,40 +505,105 @@ def same_document_causal(doc: torch.Tensor) -> torch.Tensor:
     return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
 
 
+# The full blocks' mask has two forms. A bool [B, 1, N, N] tensor is simple and exact anywhere, but
+# at N = 32K it is 1 GiB per row and moves SDPA off its flash kernels (to a masked one that reads
+# it). A FlexAttention BlockMask stores only which 128 x 128 tiles are empty, full or partial (the
+# rule itself is a function of the document ids, evaluated inside a fused kernel), and skips the
+# empty tiles: every pair of different documents. The rule, per forward pass:
+#   FlexAttention when the tokens are on CUDA and N >= DOC_MASK_FLEX_MIN_LEN, boolean masks otherwise,
+# and boolean masks whenever attention dropout applies (training with model.dropout > 0): FlexAttention
+# has no dropout. EF segments always keep their bool [P, P] masks (P <= S: small, and SDPA is fast on them).
+DOC_MASK_FLEX_MIN_LEN = 2048
+# "auto": the rule above. "on": FlexAttention at every N on every device (tests, benchmarks; on the CPU
+# it runs eager and forward only: torch has no FlexAttention backward there). "off": boolean masks only.
+# The environment variable SLAM_DOC_MASK_FLEX sets it for a process (and the ranks it spawns).
+DOC_MASK_FLEX = os.environ.get("SLAM_DOC_MASK_FLEX", "auto")
+_FLEX_COMPILED: Optional[tuple[Callable[..., BlockMask], Callable[..., torch.Tensor]]] = None
+
+
+def doc_mask_flex(n: int, device: torch.device, dropout: float) -> bool:
+    """Whether document masking's full attention over sequences of n tokens on ``device`` uses
+    FlexAttention (see DOC_MASK_FLEX); ``dropout``: the attention dropout of this forward pass."""
+    if DOC_MASK_FLEX not in ("auto", "on", "off"):
+        raise UserError(f"SLAM_DOC_MASK_FLEX={DOC_MASK_FLEX!r} is invalid: auto, on or off")
+    if dropout > 0 or DOC_MASK_FLEX == "off":
+        return False
+    return DOC_MASK_FLEX == "on" or (device.type == "cuda" and n >= DOC_MASK_FLEX_MIN_LEN)
+
+
+def flex_functions(device: torch.device) -> tuple[Callable[..., BlockMask], Callable[..., torch.Tensor]]:
+    """(create_block_mask, flex_attention) for tensors on ``device``. On CUDA both are compiled,
+    once per process on first use: compiled, flex_attention is one fused kernel and
+    create_block_mask never builds the dense mask. Eager, both materialise [B, H, L, N] (the mask,
+    the scores): fine for the CPU tests of the masks' meaning, and torch warns."""
+    global _FLEX_COMPILED
+    if device.type != "cuda":
+        return create_block_mask, flex_attention
+    if _FLEX_COMPILED is None:  # automatic dynamic shapes: changing lengths do not compile once each
+        _FLEX_COMPILED = torch.compile(create_block_mask), torch.compile(flex_attention)
+    return _FLEX_COMPILED
+
+
+def document_block_mask(doc: torch.Tensor, a: int = 0, b: Optional[int] = None) -> BlockMask:
+    """doc [B, N] -> the BlockMask of queries [a, b) against keys [0, b), query a + i seeing key
+    j <= a + i of its document: the full blocks' mask (a = 0, b = N), or a context-parallel chunk's
+    (same_document_causal's rule, lower-right aligned when a > 0)."""
+    b = doc.shape[1] if b is None else b
+    make, _ = flex_functions(doc.device)
+
+    def same_document_causal_mod(row, head, q, k):  # indices: q in [0, b - a), k in [0, b); any head
+        return (doc[row, a + q] == doc[row, k]) & (k <= a + q)
+
+    return make(same_document_causal_mod, doc.shape[0], None, b - a, b, device=doc.device)
+
+
+def flex_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask, dropout: float,
+                gqa: bool) -> torch.Tensor:
+    """q [b, H, L, hd], k/v [b, Hkv, Lk, hd] -> [b, H, L, hd] under ``mask`` (SDPA's scale 1/sqrt(hd))."""
+    if dropout > 0:  # doc_mask_flex chose boolean masks for this case; a BlockMask here is a bug
+        raise RuntimeError("FlexAttention has no dropout: document masking must use boolean masks with dropout > 0")
+    _, attend = flex_functions(q.device)
+    return attend(q, k, v, block_mask=mask, enable_gqa=gqa)
+
+
 @dataclass
 class DocMasks:
     """What document masking changes in one forward pass (the EFPlan's RoPE otherwise).
 
     Boolean masks are small where SLAM does most of its attention: per EF segment they are
     [P, P] (P <= S), slices of the row's document ids cut like the segments; only the full blocks'
-    mask is [N, N]. The diagonal is always allowed, so no row is fully masked (padding slots
-    included: their outputs are never read).
+    mask is [N, N], or a BlockMask at large N (see doc_mask_flex). The diagonal is always allowed,
+    so no row is fully masked (padding slots included: their outputs are never read).
     """
 
-    full: torch.Tensor  # [B, 1, N, N] bool, for the initial and final blocks
-    even: torch.Tensor  # [B*K_even, 1, P, P] bool, one per even segment
-    odd: torch.Tensor  # [B*K_odd, 1, P, P] bool
+    # The initial and final blocks' mask: bool [B, 1, N, N] or a BlockMask of it. None under context
+    # parallelism when no attention reads it (the chunk's full attention is GatheredAttention's).
+    full: Optional[AttnMask]
+    even: Optional[AttnMask]  # [B*K_even, 1, P, P] bool, one per even segment (``full`` when P = N)
+    odd: Optional[AttnMask]  # [B*K_odd, 1, P, P] bool
     pos: Optional[torch.Tensor]  # [B, N] positions restarting per document (doc_position_reset), else None
     rope_full: Rope  # [B, 1, N, hd/2]: each row's own factors when positions restart; else plan.rope_full
     rope_even: Rope  # [B*K_even, 1, P, hd/2], or plan.rope_even
     rope_odd: Rope  # [B*K_odd, 1, P, hd/2], or plan.rope_odd
 
 
-def build_doc_masks(cfg: ModelConfig, plan: EFPlan, tokens: torch.Tensor) -> DocMasks:
-    """The DocMasks of ``tokens`` [B, N] under cfg.doc_masking (and cfg.doc_position_reset)."""
+def build_doc_masks(cfg: ModelConfig, plan: EFPlan, tokens: torch.Tensor, flex: bool = False) -> DocMasks:
+    """The DocMasks of ``tokens`` [B, N] under cfg.doc_masking (and cfg.doc_position_reset); ``flex``:
+    the full blocks' mask as a BlockMask (doc_mask_flex), never building the [B, 1, N, N] tensor."""
     doc, pos = document_ids(tokens, cfg.eos_id)
-    return doc_masks_from_ids(cfg, plan, doc, pos)
+    full = document_block_mask(doc) if flex else same_document_causal(doc)
+    return doc_masks_from_ids(cfg, plan, doc, pos, full)
 
 
 def doc_masks_from_ids(cfg: ModelConfig, plan: EFPlan, doc: torch.Tensor, pos: torch.Tensor,
-                       full: Optional[torch.Tensor] = None) -> DocMasks:
+                       full: Optional[AttnMask]) -> DocMasks:
     """The DocMasks of the positions ``plan`` covers, from their document ids and in-document
-    positions (``document_ids``), each [B, plan.n]. ``full``: the full blocks' mask when the caller
-    has it (context parallelism builds its own), else built here."""
+    positions (``document_ids``), each [B, plan.n]. ``full``: the caller's mask for attention over
+    all of them, or None where none reads it (a context-parallel chunk: GatheredAttention has its
+    own); when one EF segment holds them all it is that segment's mask too (built here if None)."""
     if plan.k_odd == 0:  # one segment holds the sequence (P = N): it is the full blocks' mask
-        even = odd = full = same_document_causal(doc) if full is None else full
+        full = even = odd = same_document_causal(doc) if full is None else full
     else:
-        full = same_document_causal(doc) if full is None else full
         doc_even, doc_odd = segment_batches(doc[:, :, None], plan)  # [B*K, P, 1]: slices of doc
         even, odd = same_document_causal(doc_even[..., 0]), same_document_causal(doc_odd[..., 0])
     masks = DocMasks(full, even, odd, None, plan.rope_full, plan.rope_even, plan.rope_odd)
@@ -773,7 +846,10 @@ class SLAMv1LM(nn.Module):
             return self._sharded_features(tokens, hidden)
         plan = self.ef_plan(n, tokens.device)
         # Document masking: masks (and per-row positions) from the tokens, once for every block.
-        docs = build_doc_masks(cfg, plan, tokens) if cfg.doc_masking else None
+        docs = None
+        if cfg.doc_masking:
+            flex = doc_mask_flex(n, tokens.device, cfg.dropout if self.training else 0.0)
+            docs = build_doc_masks(cfg, plan, tokens, flex)
         x = self.tok_emb(tokens)  # [B, N, D]
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(n, device=tokens.device) if docs is None or docs.pos is None else docs.pos)
