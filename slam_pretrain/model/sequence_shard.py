@@ -10,7 +10,8 @@ causal attention work (an early chunk attends to few keys, a late one to many).
 
 - **Full blocks** (initial, final): each rank projects q, k, v for its own 2C tokens, all-gathers
   k and v (one collective, stacked), and attends its queries of chunk [a, b) to the keys [0, b),
-  causally (lower-right aligned). Keys and values of N tokens live on every rank (small with GQA);
+  causally (lower-right aligned: a causal bias on CUDA, ``OffsetCausalAttention`` on the CPU, no
+  mask tensor either way). Keys and values of N tokens live on every rank (small with GQA);
   queries, scores and outputs are N/K.
 - **EF cycles**: C is a multiple of the stride T = S - O, so a chunk owns the segments starting
   inside it, and only its last one runs O tokens into the next chunk. A chunk needs those O
@@ -134,10 +135,69 @@ class GatheredAttention:
                 if gqa:  # those kernels take equal head counts
                     rep = q.shape[1] // ki.shape[1]
                     ki, vi, gqa = ki.repeat_interleave(rep, dim=1), vi.repeat_interleave(rep, dim=1), False
-            else:
+            elif dropout == 0.0:  # the CPU: no mask tensor either (see OffsetCausalAttention)
+                out.append(OffsetCausalAttention.apply(qi, ki, vi, a))
+                continue
+            else:  # dropout on the CPU: the boolean mask (SDPA saves it for backward, as fp32)
                 mask = torch.ones(c, b, dtype=torch.bool, device=q.device).tril(diagonal=a)  # [C, b]
             out.append(F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa))
         return torch.cat(out, dim=2)
+
+
+class OffsetCausalAttention(torch.autograd.Function):
+    """CPU attention of queries at positions [a, a + C) to keys [0, a + C), causal, without a mask.
+
+    A boolean [C, a + C] mask would be saved for backward (as fp32 by SDPA's CPU kernel: 4 bytes a
+    score, more than the activations it serves at 16K). Instead the keys are cut in two: the prefix
+    [0, a), which every query sees, and the square [a, a + C), causal. Each part runs the fused CPU
+    flash kernel, which returns its log-sum-exp, and the parts merge as softmax blocks do:
+    lse = logaddexp(lse_1, lse_2), out = out_1 exp(lse_1 - lse) + out_2 exp(lse_2 - lse). Backward
+    runs the kernel's backward per part with the merged out and lse, which gives each part's exact
+    share (the probabilities are exp(scores - lse) with the whole row's lse). Saved: q, k, v, out,
+    lse; nothing of size C x (a + C). Keys/values may have fewer heads (GQA): expanded inside, never
+    saved expanded, gradients summed back per group.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: int) -> torch.Tensor:
+        # q [B, H, C, hd], k/v [B, Hkv, a + C, hd] -> [B, H, C, hd]
+        ke, ve = _expand_heads(k, q.shape[1]), _expand_heads(v, q.shape[1])
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        out, lse = flash(q, ke[:, :, a:], ve[:, :, a:], 0.0, True)  # the square: plain causal
+        if a > 0:
+            out_p, lse_p = flash(q, ke[:, :, :a], ve[:, :, :a], 0.0, False)  # the prefix: every key
+            merged = torch.logaddexp(lse, lse_p)  # [B, H, C] fp32
+            out = (out.float() * (lse - merged).exp()[..., None]
+                   + out_p.float() * (lse_p - merged).exp()[..., None]).to(q.dtype)
+            lse = merged
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.a = a
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        a, h = ctx.a, q.shape[1]
+        ke, ve = _expand_heads(k, h), _expand_heads(v, h)
+        back = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        grad = grad.contiguous()
+        dq, dk_sq, dv_sq = back(grad, q, ke[:, :, a:], ve[:, :, a:], out, lse, 0.0, True)
+        if a > 0:
+            dq_p, dk_p, dv_p = back(grad, q, ke[:, :, :a], ve[:, :, :a], out, lse, 0.0, False)
+            dq = dq + dq_p
+            dk_sq, dv_sq = torch.cat([dk_p, dk_sq], dim=2), torch.cat([dv_p, dv_sq], dim=2)
+        return dq, _sum_heads(dk_sq, k.shape[1]), _sum_heads(dv_sq, v.shape[1]), None
+
+
+def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, Hkv, L, hd] -> [B, H, L, hd]: query head j reads key/value head j // (H / Hkv), as SDPA's GQA."""
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
+def _sum_heads(g: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """The gradient of _expand_heads: [B, H, L, hd] -> [B, Hkv, L, hd]."""
+    b, h, n, d = g.shape
+    return g if h == kv_heads else g.view(b, kv_heads, h // kv_heads, n, d).sum(2)
 
 
 def build_chunk_plan(cfg: "ModelConfig", n: int, a: int, b: int, device: torch.device) -> EFPlan:
