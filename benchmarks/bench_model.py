@@ -27,7 +27,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from slam_pretrain.engine.activation_checkpointing import saved_activation_bytes
 from slam_pretrain.model import (EncoderBlock, ModelConfig, SLAMv1LM, count_params, flops_per_token, make_norm,
                                  rope_freqs)
 
@@ -92,22 +92,6 @@ class InherentSLAM(nn.Module):
         return logits, loss + 0.0 * (xe.float().mean() + xo.float().mean())
 
 
-def saved_activation_bytes(step: Callable[[], torch.Tensor], params: set[int]) -> int:
-    """Bytes of unique storages autograd saves in ``step()``'s forward, parameters excluded."""
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = step()
-    loss.backward()
-    return sum(seen.values())
-
-
 def measure(model: nn.Module, n: int, device: torch.device, repeats: int, budget_s: float,
             backends: list[SDPBackend]) -> dict[str, float]:
     """Fastest of up to ``repeats`` steps (fewer once they pass budget_s), after a warm-up step.
@@ -125,8 +109,8 @@ def measure(model: nn.Module, n: int, device: torch.device, repeats: int, budget
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    act = saved_activation_bytes(step, params)  # also the warm-up step
+    loss, act = saved_activation_bytes(step, model)  # also the warm-up step
+    loss.backward()
     model.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
