@@ -60,8 +60,10 @@ def test_kill_during_checkpoint_write_keeps_previous(tmp_path, tiny_manifest):
     straight = _baseline(tmp_path, tiny_manifest, 1, "deepspeed", 2)
     out = tmp_path / "killed"
     args = base_overrides(tiny_manifest, out, engine="deepspeed", zero=2, steps=2 * N, interval=N // 2)
-    # The test hook pauses every save after the engine state is written, before it is published.
-    rc, log = run_and_kill(1, args, out, env={"SLAM_TEST_PAUSE_BEFORE_PUBLISH_S": "60"},
+    # The test hook pauses every save after the engine state is written, before it is published
+    # (the save at step N/2 too, which then publishes): long enough for the 10 ms poll to kill the
+    # run inside the pause of step N, short enough not to idle the suite.
+    rc, log = run_and_kill(1, args, out, env={"SLAM_TEST_PAUSE_BEFORE_PUBLISH_S": "10"},
                            when=lambda d: (d / "checkpoints" / f".tmp_step_{N:08d}").is_dir()
                            and any((d / "checkpoints" / f".tmp_step_{N:08d}").glob("rank_*.pt")))
     assert rc == -9, log[-3000:]
