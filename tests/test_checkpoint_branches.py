@@ -112,7 +112,7 @@ def chain(first_run, tiny_manifest, tmp_path_factory) -> dict[str, Any]:
 
 def test_rewind_moves_the_abandoned_branch_aside_and_keeps_the_new_one(chain, first_run):
     out, aside, k = chain["out"], chain["aside"], chain["after_kill"]
-    assert f"resuming from step_00000004 starts branch 1: moved the newer checkpoints (steps 7, 8)" in \
+    assert "resuming from step_00000004 starts branch 1: moved the newer checkpoints (steps 7, 8)" in \
         chain["killed_log"]
     # The abandoned branch, whole and resumable: its own out_dir with latest -> 8.
     assert _steps(aside / "checkpoints") == [7, 8] and find_latest(aside) == aside / "checkpoints" / "step_00000008"

@@ -3,7 +3,6 @@ build whatever N is; missing parts are named; a killed part is rerun alone; CLI 
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
