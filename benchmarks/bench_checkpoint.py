@@ -46,7 +46,8 @@ from slam_pretrain.config import load_config  # noqa: E402
 from slam_pretrain.distributed import destroy, init_distributed  # noqa: E402
 from slam_pretrain.engine import build_engine  # noqa: E402
 from slam_pretrain.model import SLAMv1LM, count_params  # noqa: E402
-from slam_pretrain.training.checkpoint import CheckpointManager, capture_rng  # noqa: E402
+from slam_pretrain.training.checkpoint import CheckpointManager  # noqa: E402
+from slam_pretrain.training.rng import capture_rng  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

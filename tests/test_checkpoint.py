@@ -23,8 +23,9 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
-from slam_pretrain.training.checkpoint import (CheckpointManager, capture_rng, check_compatible, find_latest, is_complete,
-                                      rank_stream_seed, rank_stream_state, restore_rng)
+from slam_pretrain.training.checkpoint import CheckpointManager
+from slam_pretrain.training.checkpoint_files import check_compatible, find_latest, is_complete
+from slam_pretrain.training.rng import capture_rng, rank_stream_seed, rank_stream_state, restore_rng
 from slam_pretrain.config import Config
 from slam_pretrain.engine import build_engine
 from slam_pretrain.errors import UserError

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from slam_pretrain.training.checkpoint import find_latest, read_branch
+from slam_pretrain.training.checkpoint_files import find_latest, read_branch
 from train_utils import base_overrides, latest_step, run_and_kill, run_train
 
 RETAIN = ["--set", "checkpoint.keep_last=2", "--set", "checkpoint.keep_every=4"]

@@ -28,7 +28,8 @@ from typing import Optional
 
 import pytest
 
-from slam_pretrain.training.checkpoint import CheckpointManager, check_compatible, find_latest, verify_checkpoint
+from slam_pretrain.training.checkpoint import CheckpointManager
+from slam_pretrain.training.checkpoint_files import check_compatible, find_latest, verify_checkpoint
 from slam_pretrain.errors import UserError
 from train_utils import REPO, base_overrides, env_for_tests, latest_step, losses, run_train, train_cmd
 

@@ -37,7 +37,7 @@ import torch
 import yaml
 
 from data_pipeline.storage import atomic_write, sha256_of
-from slam_pretrain.training.checkpoint import STEP_RE, find_latest, is_complete, is_damage_error, verify_checkpoint
+from slam_pretrain.training.checkpoint_files import STEP_RE, find_latest, is_complete, is_damage_error, verify_checkpoint
 from slam_pretrain.errors import UserError
 
 if TYPE_CHECKING:

@@ -14,9 +14,9 @@ from slam_pretrain.engine.context_parallel import data_parallel
 from slam_pretrain.errors import UserError
 from slam_pretrain.model import flops_per_token
 from slam_pretrain.training.callbacks import CheckpointCallback, LogCallback, ThroughputCallback, TrackingCallback
-from slam_pretrain.training.checkpoint import (CheckpointManager, capture_rng, rank_stream_seed, restore_rng,
-                                              seed_generators)
+from slam_pretrain.training.checkpoint import CheckpointManager
 from slam_pretrain.training.metrics import ConsoleSink, JsonlSink
+from slam_pretrain.training.rng import capture_rng, rank_stream_seed, restore_rng, seed_generators
 from slam_pretrain.training.tracking import run_params, run_tags
 from slam_pretrain.training.trainer import Callback, StopFlag, Trainer, TrainerState
 

@@ -35,7 +35,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Optional
 
-from slam_pretrain.training.checkpoint import restore_rng
+from slam_pretrain.training.rng import restore_rng
 from slam_pretrain.training.trainer import Callback, Trainer, TrainerState
 
 if TYPE_CHECKING:
