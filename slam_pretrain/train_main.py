@@ -16,7 +16,6 @@ from slam_pretrain.errors import ConfigError, UserError
 from slam_pretrain.model import count_params
 
 if TYPE_CHECKING:
-    from slam_pretrain.distributed import DistInfo
     from slam_pretrain.training.run import TrainingRun
 
 
@@ -44,16 +43,15 @@ def _export_final(latest: Optional[Path], out_dir: Path, tracker: Any) -> None:
     print(f"exported {out}", flush=True)
 
 
-def _loaders(cfg: Config, manifest: Any, dist: "DistInfo") -> tuple[Any, Any, Optional[Callable[[], Iterator[Any]]]]:
+def _loaders(cfg: Config, manifest: Any, run: "TrainingRun") -> tuple[Any, Any, Optional[Callable[[], Iterator[Any]]]]:
     """This rank's training and validation loaders, and the validation batches (None when
     train.eval_batches is 0)."""
     from data_pipeline.loader import build_loader, loader_kwargs
-    from slam_pretrain.engine.context_parallel import data_parallel
 
-    t, kwargs = cfg.train, loader_kwargs(cfg.data, dist.device)  # pinned batches for a CUDA device
-    # Context parallelism: the ranks of one group read the same rows (each computes its chunks).
-    rank, world = data_parallel(dist.rank, dist.world_size, cfg.engine.context_parallel)
-    common = dict(rank=rank, world_size=world, micro_batch_size=t.micro_batch_size, seed=cfg.run.seed)
+    t, kwargs = cfg.train, loader_kwargs(cfg.data, run.dist.device)  # pinned batches for a CUDA device
+    # Split over data-parallel ranks: the ranks of a context-parallel group read the same rows.
+    common = dict(rank=run.data_rank, world_size=run.data_world, micro_batch_size=t.micro_batch_size,
+                  seed=cfg.run.seed)
     loader = build_loader(manifest, split="train", **common, **kwargs)
     val_loader = build_loader(manifest, split="val", **common, **{**kwargs, "num_workers": 0})
     val_start = val_loader.state_dict()
@@ -71,11 +69,10 @@ def _loaders(cfg: Config, manifest: Any, dist: "DistInfo") -> tuple[Any, Any, Op
 
 def _model_line(cfg: Config, run: "TrainingRun") -> str:
     e = cfg.engine
+    context = f" (data {run.data_world} x context {e.context_parallel})" if e.context_parallel > 1 else ""
     return (f"model: {count_params(cfg.model) / 1e6:.2f}M parameters | engine: {e.name}"
             f"{' zero-' + str(e.zero_stage) if e.name == 'deepspeed' else ''} {e.precision} | "
-            f"world {run.dist.world_size}"
-            f"{f' (data {run.dist.world_size // e.context_parallel} x context {e.context_parallel})' if e.context_parallel > 1 else ''}"
-            f" | grad_accum {run.grad_accum} | device {run.dist.device}")
+            f"world {run.dist.world_size}{context} | grad_accum {run.grad_accum} | device {run.dist.device}")
 
 
 def _final_line(cfg: Config, run: "TrainingRun", status: str) -> str:
@@ -115,7 +112,7 @@ def run_training(cfg: Config, resume: str = "auto") -> int:
     # A factory: the engine builds the model on the meta device (FSDP2) or inside zero.Init
     # (ZeRO-3) and initialises its own shard from run.seed, so no rank holds the whole model.
     engine = cfg.build_engine(lambda: SLAMv1LM(cfg.model), run.dist)
-    loader, val_loader, val_batches = _loaders(cfg, manifest, run.dist)
+    loader, val_loader, val_batches = _loaders(cfg, manifest, run)
     tokenizer_path = manifest.tokenizer_path() if run.main else None
     run.resume(resume, engine, loader, tokenizer_path=tokenizer_path,
                checksums={"tokenizer_sha256": manifest.tokenizer_sha256, "manifest_sha256": sha256_of(manifest_loc)})

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Union
 import torch
 from torch import nn
 
+from slam_pretrain.engine.context_parallel import data_parallel
 from slam_pretrain.errors import ConfigError
 from slam_pretrain.model.slam_v1 import deferred_init
 
@@ -78,8 +79,8 @@ class Engine(ABC):
         self.cfg = cfg
         self.dist = dist_info
         # The ranks of one context-parallel group share their rows: the batch is split over data ranks.
-        self.data_world = dist_info.world_size // cfg.engine.context_parallel
-        self.grad_accum = grad_accum_steps(cfg.train, self.data_world)
+        self.grad_accum = grad_accum_steps(
+            cfg.train, data_parallel(dist_info.rank, dist_info.world_size, cfg.engine.context_parallel)[1])
         self._micro = 0  # micro-batches since the last optimizer_step
         # Set when a micro-batch loss was non-finite on this rank; a device tensor, so no sync per micro-batch.
         self._loss_bad = torch.zeros((), dtype=torch.bool, device=dist_info.device)

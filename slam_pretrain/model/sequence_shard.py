@@ -34,7 +34,8 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from slam_pretrain.errors import UserError
 from slam_pretrain.model.slam_v1 import (AttnMask, DocMasks, EFPlan, doc_mask_flex, doc_masks_from_ids,
-                                         document_block_mask, document_ids, flex_attend, rope_freqs)
+                                         document_block_mask, document_ids, flex_attend, rope_freqs,
+                                         same_document_causal)
 
 if TYPE_CHECKING:
     from slam_pretrain.model.slam_v1 import ModelConfig, SLAMv1LM
@@ -108,7 +109,7 @@ class GatheredAttention:
     """The full blocks' attention under context parallelism: local queries, gathered keys/values."""
 
     def __init__(self, shard: SequenceShard, n: int, masks: Optional[list[AttnMask]]):
-        self.shard, self.n = shard, n
+        self.shard = shard
         self.chunks = shard.chunks(n)
         # Per local chunk (document masking): [B, 1, C, b] bool, or the BlockMask of queries [a, b)
         # against keys [0, b) at large N (slam_v1.doc_mask_flex); None: plain causal.
@@ -230,7 +231,6 @@ class ShardedForward:
     """What one sharded forward pass needs, built once from the tokens (plans are cached)."""
 
     shard: SequenceShard
-    n: int
     c: int  # chunk length C
     o: int  # EF overlap O
     plans: list[EFPlan]  # per local chunk
@@ -249,7 +249,7 @@ def prepare(model: "SLAMv1LM", tokens: torch.Tensor) -> tuple[ShardedForward, to
     chunks = shard.chunks(n)
     idx = shard.positions(n, tokens.device)
     plans = [model.chunk_plan(n, a, b, tokens.device) for a, b in chunks]
-    s, o = cfg.segment_layout(n)
+    o = cfg.segment_layout(n)[1]
     docs: list[Optional[DocMasks]] = [None] * len(chunks)
     masks, row_pos = None, None
     if cfg.doc_masking:
@@ -257,17 +257,13 @@ def prepare(model: "SLAMv1LM", tokens: torch.Tensor) -> tuple[ShardedForward, to
         flex = doc_mask_flex(n, tokens.device, cfg.dropout if model.training else 0.0)  # the unsharded rule, at N
         masks = []
         for i, ((a, b), plan) in enumerate(zip(chunks, plans)):
-            if flex:
-                masks.append(document_block_mask(doc, a, b))
-            else:
-                causal = torch.ones(b - a, b, dtype=torch.bool, device=tokens.device).tril(diagonal=a)
-                masks.append(((doc[:, a:b, None] == doc[:, None, :b]) & causal)[:, None])  # [B, 1, C, b]
+            masks.append(document_block_mask(doc, a, b) if flex else same_document_causal(doc, a, b))  # [B, 1, C, b]
             e = a + plan.n
             # The chunk's EF segments: bool masks (no full-chunk mask: GatheredAttention is the full one).
             docs[i] = doc_masks_from_ids(cfg, plan, doc[:, a:e], pos[:, a:e], full=None)
         if cfg.doc_position_reset:
             row_pos = pos[:, idx]
-    fwd = ShardedForward(shard, n, n // (2 * shard.size), o, plans, docs, GatheredAttention(shard, n, masks))
+    fwd = ShardedForward(shard, n // (2 * shard.size), o, plans, docs, GatheredAttention(shard, n, masks))
     return fwd, idx, row_pos
 
 

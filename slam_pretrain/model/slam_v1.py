@@ -498,11 +498,13 @@ def document_ids(tokens: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch
     return doc, idx - start
 
 
-def same_document_causal(doc: torch.Tensor) -> torch.Tensor:
-    """doc [b, L] (non-decreasing) -> [b, 1, L, L] bool: query i may attend key j <= i of its document."""
-    n = doc.shape[1]
-    causal = torch.ones(n, n, dtype=torch.bool, device=doc.device).tril()  # [L, L]
-    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+def same_document_causal(doc: torch.Tensor, a: int = 0, b: Optional[int] = None) -> torch.Tensor:
+    """doc [B, L] (non-decreasing) -> [B, 1, b - a, b] bool for queries [a, b) against keys [0, b):
+    query a + i may attend key j <= a + i of its document (a = 0, b = L: the square mask; a > 0: a
+    context-parallel chunk's, lower-right aligned; ``document_block_mask`` is the same rule)."""
+    b = doc.shape[1] if b is None else b
+    causal = torch.ones(b - a, b, dtype=torch.bool, device=doc.device).tril(diagonal=a)  # [b - a, b]
+    return ((doc[:, a:b, None] == doc[:, None, :b]) & causal)[:, None]
 
 
 # The full blocks' mask has two forms. A bool [B, 1, N, N] tensor is simple and exact anywhere, but
@@ -855,16 +857,25 @@ class SLAMv1LM(nn.Module):
             x = x + self.pos_emb(torch.arange(n, device=tokens.device) if docs is None or docs.pos is None else docs.pos)
         x = self.drop(x)
         rope_full, full_mask = (plan.rope_full, None) if docs is None else (docs.rope_full, docs.full)
+        return self._trunk(x, lambda block, h: block(h, rope_full, mask=full_mask),
+                           lambda i, h: self._ef_cycle(i, plan, h, docs), hidden)
+
+    def _trunk(self, x: torch.Tensor, full: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+               cycle: Callable[[int, torch.Tensor], torch.Tensor], hidden: Optional[list[torch.Tensor]]) -> torch.Tensor:
+        """The stages on the embedded x: initial block, EF cycles, final block, final norm.
+        ``full(block, h)`` runs a full block and ``cycle(i, h)`` EF cycle i (whole sequences, or this
+        rank's chunks); the engine's wrappers (activation checkpointing) wrap each stage, and each
+        stage's input goes to ``hidden``."""
 
         def run(wrapper: Optional[Wrapper], fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor):
             if hidden is not None:
                 hidden.append(x)
             return fn(x) if wrapper is None else wrapper(fn, x)
 
-        x = run(self.block_wrapper, lambda h: self.initial_block(h, rope_full, mask=full_mask), x)
-        for i in range(cfg.ef_cycles):
-            x = run(self.cycle_wrapper, lambda h, i=i: self._ef_cycle(i, plan, h, docs), x)
-        x = run(self.block_wrapper, lambda h: self.final_block(h, rope_full, mask=full_mask), x)
+        x = run(self.block_wrapper, lambda h: full(self.initial_block, h), x)
+        for i in range(self.config.ef_cycles):
+            x = run(self.cycle_wrapper, lambda h, i=i: cycle(i, h), x)
+        x = run(self.block_wrapper, lambda h: full(self.final_block, h), x)
         return self.norm_f(x)
 
     def _sharded_features(self, tokens: torch.Tensor, hidden: Optional[list[torch.Tensor]]) -> torch.Tensor:
@@ -878,17 +889,8 @@ class SLAMv1LM(nn.Module):
             x = x + self.pos_emb(idx if row_pos is None else row_pos)
         x = self.drop(x)
         rope = cp.rope_for(self.config, idx, row_pos)
-
-        def run(wrapper: Optional[Wrapper], fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor):
-            if hidden is not None:
-                hidden.append(x)
-            return fn(x) if wrapper is None else wrapper(fn, x)
-
-        x = run(self.block_wrapper, lambda h: self.initial_block(h, rope, context=fwd.attention), x)
-        for i in range(self.config.ef_cycles):
-            x = run(self.cycle_wrapper, lambda h, i=i: cp.ef_cycle(self, i, h, fwd), x)
-        x = run(self.block_wrapper, lambda h: self.final_block(h, rope, context=fwd.attention), x)
-        return self.norm_f(x)
+        return self._trunk(x, lambda block, h: block(h, rope, context=fwd.attention),
+                           lambda i, h: cp.ef_cycle(self, i, h, fwd), hidden)
 
     def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None,
                 hidden: Optional[list[torch.Tensor]] = None):

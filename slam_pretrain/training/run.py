@@ -87,8 +87,11 @@ class TrainingRun:
     """
 
     def __init__(self, cfg: "Config", stop_flag: StopFlag, dist: "DistInfo", ckpt: CheckpointManager,
-                 grad_accum: int):
+                 data_parallel: tuple[int, int], grad_accum: int):
         self.cfg, self.stop_flag, self.dist, self.ckpt, self.grad_accum = cfg, stop_flag, dist, ckpt, grad_accum
+        # This rank's (rank, world) among data-parallel ranks: the ranks of one context-parallel
+        # group read the same rows (engine.context_parallel; = (rank, world) without it).
+        self.data_rank, self.data_world = data_parallel
         self.main: bool = dist.is_main
         self.out_dir = Path(cfg.run.out_dir)
         self.state = TrainerState()
@@ -106,11 +109,11 @@ class TrainingRun:
         """Join the process group, check the batch arithmetic and out_dir (one line each if wrong)
         before the model is built, and seed every rank with ``run.seed``."""
         dist = init_distributed(cfg.engine.device)
-        data_world = data_parallel(dist.rank, dist.world_size, cfg.engine.context_parallel)[1]
-        grad_accum = grad_accum_steps(cfg.train, data_world)  # the engine computes the same
+        data = data_parallel(dist.rank, dist.world_size, cfg.engine.context_parallel)
+        grad_accum = grad_accum_steps(cfg.train, data[1])  # the engine computes the same
         ckpt = cfg.checkpoint.build(Path(cfg.run.out_dir), dist)  # creates out_dir, checks it is writable
         seed_all(cfg.run.seed)
-        return cls(cfg, stop_flag, dist, ckpt, grad_accum)
+        return cls(cfg, stop_flag, dist, ckpt, data, grad_accum)
 
     def resume(self, resume: str, engine: Any, loader: Any, checksums: dict[str, Any],
                tokenizer_path: Optional[Path]) -> None:
